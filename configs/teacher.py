@@ -1,0 +1,65 @@
+"""Trains the SR teacher (EDSR-baseline by default).
+
+CPU default (about 5 minutes on 2 cores, embedded scikit-image photos, x2):
+  python launch.py --config=configs/teacher.py --workdir=workdirs/teacher
+Full size (EDSR-baseline on DIV2K, 300k steps, GPU/TPU):
+  python launch.py --config=configs/teacher.py:full --workdir=gs://.../teacher
+Variants after the colon: `full` (EDSR-baseline on DIV2K), `edsr` (the 32-block, 256-channel EDSR
+on DIV2K), `scale=3` etc. may follow with a comma, e.g. `configs/teacher.py:full,scale=4`.
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ('cpu', 'full', 'edsr')
+
+
+def parse_arg(arg, variants=VARIANTS):
+    """'full,scale=4' -> ('full', {'scale': 4}); an unknown variant lists the valid ones."""
+    parts = [p for p in (arg or 'cpu').split(',') if p]
+    variant, options = 'cpu', {}
+    for p in parts:
+        if '=' in p:
+            k, v = p.split('=', 1)
+            options[k] = int(v) if v.isdigit() else v
+        elif p in variants:
+            variant = p
+        else:
+            raise ValueError(f'unknown config variant {p!r}; valid: {", ".join(variants)}')
+    return variant, options
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    variant, options = parse_arg(arg)
+    scale = int(options.get('scale', 2))
+    c = common.base()
+    c.trainer = 'teacher'
+    c.role = 'teacher'
+    c.model = common.edsr(scale=scale)  # EDSR-baseline: 16 blocks, 64 channels, 1.37 M (x2).
+    c.loss = 'l1'
+    c.data = common.sr_data('embedded', patch=32)
+    c.batch_size = 8
+    c.total_steps = 600
+    c.log_every = 50
+    c.checkpoint_every = 200
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 20
+    c.eval = ml_collections.ConfigDict(dict(datasets=['embedded']))
+    if variant in ('full', 'edsr'):
+        # EDSR paper: 48x48 LR patches, batch 16, Adam 1e-4 halved every 200k, 300k steps.
+        c.data = common.sr_data('tfds', patch=48)
+        c.data.name = f'div2k/bicubic_x{scale}'
+        c.batch_size = 16
+        c.total_steps = 300_000
+        c.optim.lr = 1e-4
+        c.optim.schedule = 'step'
+        c.optim.warmup_steps = 0
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 5_000
+        c.eval.datasets = ['../shared/data/sr_benchmarks/Set5',
+                           '../shared/data/sr_benchmarks/Set14']
+    if variant == 'edsr':
+        c.model = common.edsr(scale=scale, num_blocks=32, features=256, res_scale=0.1)
+    return c

@@ -1,0 +1,90 @@
+"""Runs one job from a config file.
+
+  python launch.py --config=configs/student.py [--workdir=workdirs/student] [--config.a.b=value]
+
+The same command runs on one CPU, a GPU host or every worker of a TPU VM slice
+(`gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python launch.py ..."`). The job is
+`config.trainer`; its `train_and_evaluate(config, workdir)` does the work and resumes from
+<workdir>/checkpoints when they exist.
+"""
+
+import logging as py_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Job config file (configs/*.py[:variant]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Where checkpoints, logs and results go. Default: workdirs/<config>.')
+_MULTIHOST = flags.DEFINE_bool('multihost', None,
+                               'Call jax.distributed.initialize() (default: when the environment '
+                               'names a coordinator, e.g. on a TPU VM slice or under SLURM).')
+flags.mark_flags_as_required(['config'])
+
+
+def default_workdir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
+    return os.path.join('workdirs', name)
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Drops INFO lines from orbax and tfds internals; warnings and errors still show."""
+
+    def filter(self, record):
+        noisy = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/')
+        return record.levelno >= py_logging.WARNING or not any(
+            n in record.pathname for n in noisy)
+
+
+def _wants_distributed() -> bool:
+    if _MULTIHOST.value is not None:
+        return _MULTIHOST.value
+    return any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
+                                        'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE'))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    # TensorFlow only feeds data: keep it off the accelerators JAX uses.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+
+    # Orbax logs every file it writes at INFO; keep the job's own log readable.
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax
+    if _wants_distributed():
+        jax.distributed.initialize()
+    from sr_purify import trainers
+
+    config = _CONFIG.value
+    train_and_evaluate = trainers.get(config.trainer)
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
+    logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    logging.info('job %s, workdir %s', config.trainer, workdir)
+    result = train_and_evaluate(config, workdir)
+    if getattr(result, 'preempted', False):
+        print(f'stopped by signal at step {result.step}; checkpoint saved in {workdir}. '
+              f'Run the same command to resume.', flush=True)
+    else:
+        print(f'done: results in {os.path.join(workdir, "results.json")}', flush=True)
+
+
+def run():
+    # One-line errors for the mistakes a user makes at the command line.
+    try:
+        app.run(main)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
+        py_logging.getLogger().handlers.clear()
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    run()

@@ -1,0 +1,131 @@
+"""Orbax checkpoints that are verified on restore and fall back to the last good step.
+
+Orbax does not checksum array data (flipped bytes restore silently), so every step stores a
+SHA-256 digest of the state beside it as a JSON item; restore recomputes it and, on a mismatch or
+any read error, falls back to the previous step. Saves are asynchronous and atomic (a crash
+mid-save leaves a tmp folder that orbax ignores).
+"""
+
+import hashlib
+import logging
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's arrays do not fit the state the config builds."""
+
+
+def digest(tree: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = np.asarray(jax.device_get(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f'{x.dtype}{x.shape}'.encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+def _path_str(path) -> str:
+    """'params/head/kernel', the same for dict keys and dataclass fields."""
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _leaf_shapes(tree: Any) -> dict:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, 'shape', None)
+        out[_path_str(path)] = None if shape is None else tuple(shape)
+    return out
+
+
+def check_compatible(saved: Any, expected: Any, where: str) -> None:
+    """Raises CheckpointMismatchError naming the first parameter that differs (missing, extra, shape)."""
+    saved_shapes, expected_shapes = _leaf_shapes(saved), _leaf_shapes(expected)
+    missing = sorted(set(expected_shapes) - set(saved_shapes))
+    extra = sorted(set(saved_shapes) - set(expected_shapes))
+    if missing:
+        raise CheckpointMismatchError(
+            f'checkpoint {where} lacks parameter {missing[0]} that the config expects '
+            f'({len(missing)} missing); was it written with another model config?')
+    if extra:
+        raise CheckpointMismatchError(
+            f'checkpoint {where} has parameter {extra[0]} that the config does not '
+            f'({len(extra)} extra); was it written with another model config?')
+    for k, shape in expected_shapes.items():
+        if saved_shapes[k] is not None and shape is not None and saved_shapes[k] != shape:
+            raise CheckpointMismatchError(
+                f'checkpoint {where}: parameter {k} has shape {saved_shapes[k]}, the config '
+                f'builds {shape}')
+
+
+class Checkpointer:
+    """`CheckpointManager` in `directory`, keeping the last `max_to_keep` steps."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous))
+
+    def save(self, step: int, state: Any, force: bool = True) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    digest=ocp.args.JsonSave({'sha256': digest(state)})),
+            force=force)
+
+    def steps(self):
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, Optional[int]]:
+        """Newest step (or `step`) whose digest verifies; (None, None) when there is none.
+
+        A damaged step is logged and skipped; an architecture mismatch is raised at once, since an
+        older step of the same run would not fit either.
+        """
+        candidates = [step] if step is not None else self.steps()
+        for s in candidates:
+            try:
+                self._check_shapes(s, abstract_state)
+                restored = self.manager.restore(
+                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                               digest=ocp.args.JsonRestore()))
+                state, saved_digest = restored['state'], restored['digest']['sha256']
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # Orbax raises many types for damaged files.
+                logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying an older '
+                                'one', s, self.directory, type(e).__name__, str(e)[:200])
+                continue
+            if digest(state) != saved_digest:
+                logging.warning('checkpoint step %d in %s fails its digest check; trying an older '
+                                'one', s, self.directory)
+                continue
+            return state, s
+        if candidates:
+            logging.warning('no valid checkpoint among steps %s in %s', candidates, self.directory)
+        return None, None
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        try:
+            meta = self.manager.item_metadata(step)['state']
+        except Exception:  # No metadata: let restore itself decide.
+            return
+        if meta is None:
+            return
+        meta_tree = getattr(meta, 'tree', meta)
+        check_compatible(meta_tree, abstract_state, f'{self.directory} step {step}')
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,86 @@
+"""EDSR (Lim et al., CVPRW 2017): residual blocks without batch norm, global skip, pixel shuffle.
+
+The teacher is an EDSR; the slim student is the same module with few blocks and narrow width.
+Inputs and outputs are NHWC images in [0, 1]; the MeanShift of the original is folded into a fixed
+(RGB mean) subtraction and addition so a user never normalises by hand.
+"""
+
+from typing import Dict, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# DIV2K RGB mean used by EDSR's MeanShift.
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
+
+Features = Dict[str, jax.Array]
+
+
+def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
+    """Depth-to-space: (N, H, W, C*s*s) -> (N, H*s, W*s, C), channel order as PyTorch's PixelShuffle."""
+    n, h, w, c = x.shape
+    oc = c // (scale * scale)
+    x = x.reshape(n, h, w, oc, scale, scale)
+    x = x.transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, h * scale, w * scale, oc)
+
+
+class Upsampler(nn.Module):
+    """Conv + pixel shuffle; x4 as two x2 stages (as EDSR), x2 and x3 in one."""
+    features: int
+    scale: int
+
+    @nn.compact
+    def __call__(self, x):
+        if self.scale in (2, 3):
+            stages = [self.scale]
+        elif self.scale == 4:
+            stages = [2, 2]
+        else:
+            raise ValueError(f'scale {self.scale} not supported; valid: 2, 3, 4')
+        for i, s in enumerate(stages):
+            x = nn.Conv(self.features * s * s, (3, 3), name=f'conv_{i}')(x)
+            x = pixel_shuffle(x, s)
+        return x
+
+
+class ResBlock(nn.Module):
+    features: int
+    res_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(self.features, (3, 3), name='conv_0')(x)
+        y = nn.relu(y)
+        y = nn.Conv(self.features, (3, 3), name='conv_1')(y)
+        return x + self.res_scale * y
+
+
+class EDSR(nn.Module):
+    """EDSR. `return_features=True` also returns named taps for distillation.
+
+    Taps: 'head' (after the first conv), 'block_{i}' (after residual block i, 1-based), 'body'
+    (after the body's last conv plus the long skip), all at LR resolution with `features` channels.
+    """
+    scale: int = 2
+    num_blocks: int = 16
+    features: int = 64
+    res_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_features: bool = False
+                              ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
+        mean = jnp.asarray(DIV2K_MEAN, x.dtype)
+        feats = {}
+        h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
+        feats['head'] = h
+        y = h
+        for i in range(self.num_blocks):
+            y = ResBlock(self.features, self.res_scale, name=f'block_{i + 1}')(y)
+            feats[f'block_{i + 1}'] = y
+        y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
+        feats['body'] = y
+        y = Upsampler(self.features, self.scale, name='upsampler')(y)
+        y = nn.Conv(3, (3, 3), name='tail')(y) + mean
+        return (y, feats) if return_features else y

@@ -1,0 +1,147 @@
+"""What a job leaves in its workdir: clu metrics, image grids, config.json, results.json, tables.
+
+Only process 0 writes; the other processes get no-op writers.
+"""
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+
+def is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails before any training if the workdir cannot be created or written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f'.write_probe_{jax.process_index()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f'workdir {workdir!r} is not writable ({e.strerror}); pass a '
+                              f'writable --workdir') from None
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard events + log lines on process 0, log lines only (no files) elsewhere."""
+    return metric_writers.create_default_writer(workdir, just_logging=not is_writer(),
+                                                asynchronous=True)
+
+
+def write_json(workdir: str, name: str, obj: Any) -> Optional[str]:
+    if not is_writer():
+        return None
+    path = os.path.join(workdir, name)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)  # Atomic: a reader never sees half a file.
+    return path
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if hasattr(x, 'to_dict'):
+        return x.to_dict()
+    return str(x)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    write_json(workdir, 'config.json', config.to_dict())
+
+
+def _deep_merge(base: dict, new: Mapping) -> dict:
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def update_results(workdir: str, section: str, value: Any) -> None:
+    """Deep-merges `{section: value}` into <workdir>/results.json (chained jobs add to one file)."""
+    if not is_writer():
+        return
+    path = os.path.join(workdir, 'results.json')
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    _deep_merge(results, {section: value})
+    write_json(workdir, 'results.json', results)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f'{v:.3f}' if abs(v) < 1e4 else f'{v:.3g}'
+        return str(v)
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def write_text(workdir: str, name: str, text: str) -> None:
+    if is_writer():
+        with open(os.path.join(workdir, name), 'w') as f:
+            f.write(text + '\n')
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tiles HxWx3 float [0,1] (or uint8) images, each row padded to the widest/tallest tile."""
+    def u8(im):
+        im = np.asarray(im)
+        if im.ndim == 2:
+            im = np.repeat(im[..., None], 3, -1)
+        if im.dtype != np.uint8:
+            im = np.round(np.clip(im, 0, 1) * 255).astype(np.uint8)
+        return im
+    rows = [[u8(im) for im in row] for row in rows]
+    th = max(im.shape[0] for row in rows for im in row)
+    tw = max(im.shape[1] for row in rows for im in row)
+    ncols = max(len(row) for row in rows)
+    grid = np.full((len(rows) * (th + pad) + pad, ncols * (tw + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            y, x = pad + r * (th + pad), pad + c * (tw + pad)
+            grid[y:y + im.shape[0], x:x + im.shape[1]] = im
+    return grid
+
+
+def write_grid(workdir: str, name: str, grid: np.ndarray,
+               writer: Optional[metric_writers.MetricWriter] = None, step: int = 0) -> None:
+    """PNG in the workdir and, given a writer, a TensorBoard image."""
+    if not is_writer():
+        return
+    from PIL import Image
+    Image.fromarray(grid).save(os.path.join(workdir, name))
+    if writer is not None:
+        writer.write_images(step, {os.path.splitext(name)[0]: grid[None]})
+
+
+def nearest_upscale(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Pixel-replicating resize so small LR tiles line up with HR tiles in a grid."""
+    h, w = img.shape[:2]
+    ys = (np.arange(size[0]) * h // size[0]).clip(0, h - 1)
+    xs = (np.arange(size[1]) * w // size[1]).clip(0, w - 1)
+    return img[ys][:, xs]
+
+
+def log_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    table = markdown_table(header, rows)
+    if is_writer():
+        print(f'\n{title}\n{table}\n', flush=True)
+    return table

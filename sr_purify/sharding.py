@@ -1,0 +1,52 @@
+"""Data-parallel sharding: one mesh from the config, batch split on 'data', parameters replicated.
+
+The same code runs on one CPU, fake CPU devices, a GPU host or a multi-host TPU slice.
+"""
+
+from typing import Any, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(axes: Sequence[Tuple[str, int]] = (('data', -1),)) -> Mesh:
+    """A device mesh from `config.mesh`, e.g. [('data', -1)]; -1 takes the remaining devices."""
+    axes = [tuple(a) for a in axes]
+    names = [name for name, _ in axes]
+    sizes = [size for _, size in axes]
+    n = jax.device_count()
+    if sizes.count(-1) > 1:
+        raise ValueError(f'mesh {axes}: at most one axis may be -1')
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f'mesh {axes} does not divide the {n} devices')
+        sizes[sizes.index(-1)] = n // known
+    if int(np.prod(sizes)) != n:
+        raise ValueError(f'mesh {axes} needs {int(np.prod(sizes))} devices; there are {n}')
+    devices = np.asarray(jax.devices()).reshape(sizes)
+    return Mesh(devices, names)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over 'data'."""
+    return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+    n = mesh.shape['data']
+    if global_batch % n:
+        raise ValueError(f'global batch {global_batch} is not divisible by the {n} devices of the '
+                         f"'data' mesh axis; use a multiple of {n}")
+
+
+def to_global(local_batch: Any, mesh: Mesh) -> Any:
+    """Process-local numpy batch -> global jax arrays sharded on 'data' (multi-host safe)."""
+    sharding = data_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -1,0 +1,269 @@
+"""The training loop every job shares: sharded state, one compiled step, checkpoints, reports.
+
+A trainer supplies what is particular to it (how to initialise, the loss, the batches, the
+evaluation) and calls `fit`. The loop itself is the same for the teacher, the student, the
+classifier and the purifier:
+
+* shape first, then shard, then create: `jax.eval_shape` of the initialiser, replicated
+  shardings for the state, `jax.jit(init, out_shardings=...)`;
+* one pure step `(state, batch, rng) -> (state, metrics)` jitted once over the mesh, the batch
+  sharded on 'data', the state donated; per-step randomness is `fold_in(rng, step)`, so a resumed
+  run repeats exactly;
+* resume from the newest valid checkpoint; save every `checkpoint_every` steps and at the end;
+  SIGTERM/SIGINT finish the current step, save and return;
+* a non-finite loss stops the run, names the step and leaves the last good checkpoint.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import periodic_actions
+
+from sr_purify import checkpointing, registry, reporting, sharding
+
+PyTree = Any
+# loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, extra_metrics))
+LossFn = Callable[[PyTree, PyTree, Dict[str, jax.Array], jax.Array],
+                  Tuple[jax.Array, Tuple[PyTree, Dict[str, jax.Array]]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    model_state: PyTree  # Non-trained variables such as batch_stats; {} when there are none.
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    step: int
+    preempted: bool
+    steps_per_sec: float
+    wall_s: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser from the config.
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    lr, warmup = optim.lr, optim.get('warmup_steps', 0)
+    kinds = {
+        'constant': lambda: optax.constant_schedule(lr),
+        'cosine': lambda: optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * optim.get('end_factor', 0.0)),
+        # EDSR's schedule: halve every `decay_every` steps.
+        'step': lambda: optax.exponential_decay(lr, optim.get('decay_every', 200_000), 0.5,
+                                                staircase=True),
+    }
+    schedule = registry.lookup(kinds, optim.get('schedule', 'constant'), 'lr schedule')()
+    if warmup and optim.get('schedule', 'constant') != 'cosine':
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
+    return schedule
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(optim, total_steps)
+    kinds = {
+        'adam': lambda: optax.adam(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
+                                   eps=optim.get('eps', 1e-8)),
+        'adamw': lambda: optax.adamw(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
+                                     weight_decay=optim.get('weight_decay', 1e-4)),
+        'sgd': lambda: optax.chain(
+            optax.add_decayed_weights(optim.get('weight_decay', 0.0)),
+            optax.sgd(schedule, momentum=optim.get('momentum', 0.9), nesterov=True)),
+    }
+    tx = registry.lookup(kinds, optim.name, 'optimizer')()
+    if optim.get('grad_clip_norm', 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+    return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# State creation (shape first, then shard, then create) and the compiled step.
+
+def create_state(init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
+                 tx: optax.GradientTransformation, mesh, rng: jax.Array
+                 ) -> Tuple[TrainState, Any]:
+    def init(rng):
+        params, model_state = init_variables(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), model_state=model_state)
+
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    state = jax.jit(init, out_shardings=state_sharding)(rng)
+    return state, state_sharding
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+    """The pure update step: `(state, batch, rng) -> (state, metrics)`."""
+
+    def train_step(state: TrainState, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (model_state, extra)), grads = grad_fn(state.params, state.model_state, batch,
+                                                      step_rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  model_state=model_state)
+        metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+                   'learning_rate': schedule(state.step), **extra}
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_step(train_step, mesh, state_sharding):
+    return jax.jit(train_step,
+                   in_shardings=(state_sharding, sharding.data_sharding(mesh),
+                                 sharding.replicated(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def abstract_with_sharding(state: TrainState, state_sharding) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, state_sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption.
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and returns."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+        self.received = signum
+        logging.warning('received %s: finishing the current step, then saving',
+                        signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+def fit(config: ml_collections.ConfigDict, workdir: str, *,
+        init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
+        loss_fn: LossFn,
+        batches: Callable[[int], Iterator[Dict[str, np.ndarray]]],
+        evaluate: Optional[Callable[[TrainState, int], Dict[str, float]]] = None,
+        checkpoint_dir: Optional[str] = None,
+        writer=None) -> FitResult:
+    """Trains `config.total_steps` steps (resuming if a checkpoint exists) and returns the state.
+
+    `batches(start_step)` yields process-local numpy batches from `start_step` on.
+    """
+    t_start = time.time()
+    reporting.check_workdir(workdir)
+    writer = writer or reporting.create_writer(workdir)
+    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+    sharding.check_batch(config.batch_size, mesh)
+    total_steps = config.total_steps
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state, state_sharding = create_state(init_variables, tx, mesh, init_rng)
+
+    ckpt = checkpointing.Checkpointer(checkpoint_dir or os.path.join(workdir, 'checkpoints'),
+                                      max_to_keep=config.get('keep_checkpoints', 3))
+    restored, restored_step = ckpt.restore(abstract_with_sharding(state, state_sharding))
+    if restored is not None:
+        state = restored
+        logging.info('resumed from checkpoint step %d', restored_step)
+    start_step = int(jax.device_get(state.step))
+
+    step_fn = compile_step(make_train_step(loss_fn, tx, schedule), mesh, state_sharding)
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_steps=config.get('log_every', 50))
+    log_every = config.get('log_every', 50)
+    eval_every = config.get('eval_every', 0)
+    ckpt_every = config.get('checkpoint_every', 1000)
+    last_saved = restored_step
+    preempted = False
+    steps_done, t_loop = 0, None
+
+    def check_finite(metrics, step):
+        loss = float(metrics['loss'])
+        if not np.isfinite(loss):
+            raise NonFiniteLossError(
+                f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint is '
+                f'step {last_saved} in {ckpt.directory}' if last_saved is not None else
+                f'non-finite loss {loss} at step {step}; stopping (no checkpoint was saved yet)')
+
+    pending = None  # (step, metrics) of the previous step: checked one step late, no stall.
+    try:
+        with _StopSignal() as stop:
+            it = batches(start_step)
+            for step in range(start_step + 1, total_steps + 1):
+                batch = sharding.to_global(next(it), mesh)
+                state, metrics = step_fn(state, batch, step_rng)
+                if pending is not None:
+                    check_finite(*pending)
+                pending = (metrics, step)
+                if t_loop is None:
+                    jax.block_until_ready(metrics)  # First step includes compilation.
+                    t_loop = time.time()
+                else:
+                    steps_done += 1
+                progress(step)
+                is_last = step == total_steps
+                if step % log_every == 0 or is_last:
+                    check_finite(metrics, step)
+                    writer.write_scalars(step, jax.device_get(metrics))
+                stop_now = stop.received is not None or (
+                    jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
+                if step % ckpt_every == 0 or is_last or stop_now:
+                    check_finite(metrics, step)
+                    ckpt.save(step, state)
+                    last_saved = step
+                if stop_now:
+                    logging.warning('stopped by signal at step %d; checkpoint saved', step)
+                    preempted = True
+                    break
+                if evaluate is not None and eval_every and step % eval_every == 0 and not is_last:
+                    writer.write_scalars(step, evaluate(state, step))
+            if pending is not None:
+                check_finite(*pending)
+    finally:
+        ckpt.close()
+        writer.flush()
+    elapsed = time.time() - t_loop if t_loop else 0.0
+    steps_per_sec = steps_done / elapsed if elapsed > 0 else float('nan')
+    return FitResult(state=state, step=int(jax.device_get(state.step)), preempted=preempted,
+                     steps_per_sec=steps_per_sec, wall_s=time.time() - t_start)
