@@ -76,13 +76,41 @@ def main(argv):
         print(f'done: results in {os.path.join(workdir, "results.json")}', flush=True)
 
 
+def unknown_override(argv) -> str:
+    """For `--config.a.b=v` overrides, a message naming the first key the config lacks, or ''."""
+    import importlib.util
+    spec_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if spec_arg is None:
+        return ''
+    path, _, variant = spec_arg.partition(':')
+    spec = importlib.util.spec_from_file_location('job_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant or None)
+    for a in argv:
+        if not a.startswith('--config.'):
+            continue
+        keys = a[len('--config.'):].split('=', 1)[0].split('.')
+        node, seen = config, []
+        for k in keys:
+            if not hasattr(node, 'keys') or k not in node:
+                where = '.'.join(seen) or 'the config'
+                valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(a leaf)'
+                return (f'unknown config key {".".join(keys)!r}: {where} has no {k!r}; '
+                        f'valid: {valid}')
+            node, seen = node[k], seen + [k]
+    return ''
+
+
 def run():
     # One-line errors for the mistakes a user makes at the command line.
     try:
         app.run(main)
-    except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, KeyError, AttributeError) as e:
         py_logging.getLogger().handlers.clear()
-        print(f'error: {e}', file=sys.stderr)
+        message = (unknown_override(sys.argv) if isinstance(e, (AttributeError, KeyError))
+                   else '') or str(e).strip('"\'')
+        print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
 
 

@@ -32,7 +32,8 @@ def sr_data(source: str = 'embedded', patch: int = 32) -> ml_collections.ConfigD
         skip_bad=False, prefetch=2))
 
 
-def edsr(scale: int = 2, num_blocks: int = 16, features: int = 64,
-         res_scale: float = 1.0) -> ml_collections.ConfigDict:
+def edsr(scale: int = 2, num_blocks: int = 16, features: int = 64, res_scale: float = 1.0,
+         bicubic_skip: bool = False) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name='edsr', scale=scale, num_blocks=num_blocks,
-                                          features=features, res_scale=res_scale))
+                                          features=features, res_scale=res_scale,
+                                          bicubic_skip=bicubic_skip))

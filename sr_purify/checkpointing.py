@@ -20,20 +20,26 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's arrays do not fit the state the config builds."""
 
 
+def _path_str(path) -> str:
+    """'params/head/kernel', the same for dict keys, dataclass fields and sequence indices."""
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
 def digest(tree: Any) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in path order.
+
+    Paths are normalised (see `_path_str`) and sorted, so a state restored without a target (as
+    nested dicts) has the same digest as the dataclass it was saved from.
+    """
+    leaves = sorted((_path_str(p), leaf)
+                    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0])
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for path, leaf in leaves:
         x = np.asarray(jax.device_get(leaf))
-        h.update(jax.tree_util.keystr(path).encode())
+        h.update(path.encode())
         h.update(f'{x.dtype}{x.shape}'.encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
-
-
-def _path_str(path) -> str:
-    """'params/head/kernel', the same for dict keys and dataclass fields."""
-    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def _leaf_shapes(tree: Any) -> dict:
@@ -69,10 +75,29 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous))
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    def quarantine(self, steps) -> None:
+        """Renames damaged steps to `<step>.damaged` (kept for inspection, never loaded again),
+        so training can write those step numbers afresh."""
+        if not steps:
+            return
+        self.manager.close()
+        if jax.process_index() == 0:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst = f'{src}.damaged'
+                n = 1
+                while os.path.exists(dst):
+                    dst, n = f'{src}.damaged{n}', n + 1
+                os.rename(src, dst)
+                logging.warning('moved damaged checkpoint %s to %s', src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices('checkpoint quarantine')
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def save(self, step: int, state: Any, force: bool = True) -> None:
         self.manager.save(
@@ -84,16 +109,21 @@ class Checkpointer:
     def steps(self):
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, Optional[int]]:
+    def restore(self, abstract_state: Any = None, step: Optional[int] = None,
+                quarantine: bool = False) -> Tuple[Any, Optional[int]]:
         """Newest step (or `step`) whose digest verifies; (None, None) when there is none.
 
-        A damaged step is logged and skipped; an architecture mismatch is raised at once, since an
-        older step of the same run would not fit either.
+        With `abstract_state` None the state comes back as saved (nested dicts of arrays), which
+        is how a job restores only the parameters of another job's training state. A damaged step
+        is logged and skipped (and, with `quarantine`, moved aside); an architecture mismatch is
+        raised at once, since an older step of the same run would not fit either.
         """
         candidates = [step] if step is not None else self.steps()
+        damaged = []
         for s in candidates:
             try:
-                self._check_shapes(s, abstract_state)
+                if abstract_state is not None:
+                    self._check_shapes(s, abstract_state)
                 restored = self.manager.restore(
                     s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                digest=ocp.args.JsonRestore()))
@@ -103,12 +133,18 @@ class Checkpointer:
             except Exception as e:  # Orbax raises many types for damaged files.
                 logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying an older '
                                 'one', s, self.directory, type(e).__name__, str(e)[:200])
+                damaged.append(s)
                 continue
             if digest(state) != saved_digest:
                 logging.warning('checkpoint step %d in %s fails its digest check; trying an older '
                                 'one', s, self.directory)
+                damaged.append(s)
                 continue
+            if quarantine:
+                self.quarantine(damaged)
             return state, s
+        if quarantine:
+            self.quarantine(damaged)
         if candidates:
             logging.warning('no valid checkpoint among steps %s in %s', candidates, self.directory)
         return None, None
@@ -129,3 +165,37 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, what: str = 'model') -> Tuple[Any, int]:
+    """Parameters of the newest valid checkpoint under `directory` (a workdir or its checkpoints/).
+
+    A missing directory raises FileNotFoundError at once naming the path and what to pass; a
+    checkpoint of another architecture raises CheckpointMismatchError naming the parameter.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.isdir(os.path.join(directory, 'checkpoints')):
+        directory = os.path.join(directory, 'checkpoints')
+    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+        raise FileNotFoundError(
+            f'no {what} checkpoint in {directory!r}; pass the workdir of a finished {what} job '
+            f'(or its checkpoints/ folder)')
+    ckpt = Checkpointer(directory, asynchronous=False)
+    try:
+        state, step = ckpt.restore(None)
+    finally:
+        ckpt.close()
+    if state is None:
+        raise FileNotFoundError(f'no valid {what} checkpoint in {directory!r} (all damaged)')
+    params = state['params'] if isinstance(state, dict) and 'params' in state else state
+    check_compatible(params, abstract_params, f'{directory} step {step}')
+    params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract_params,
+                          _like(params, abstract_params))
+    return params, step
+
+
+def _like(tree: Any, reference: Any) -> Any:
+    """`tree` (nested dicts as restored) rebuilt in the structure of `reference`."""
+    flat = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(reference)
+    return jax.tree_util.tree_unflatten(treedef, [flat[_path_str(p)] for p, _ in paths])

@@ -23,9 +23,14 @@ def make_mesh(axes: Sequence[Tuple[str, int]] = (('data', -1),)) -> Mesh:
         if n % known:
             raise ValueError(f'mesh {axes} does not divide the {n} devices')
         sizes[sizes.index(-1)] = n // known
-    if int(np.prod(sizes)) != n:
-        raise ValueError(f'mesh {axes} needs {int(np.prod(sizes))} devices; there are {n}')
-    devices = np.asarray(jax.devices()).reshape(sizes)
+    need = int(np.prod(sizes))
+    if need > n:
+        raise ValueError(f'mesh {axes} needs {need} devices; there are {n}')
+    if need < n and jax.process_count() > 1:
+        raise ValueError(f'mesh {axes} uses {need} of {n} devices; a multi-process run must use '
+                         f'all of them (use -1 for the data axis)')
+    # An explicit smaller mesh (e.g. [('data', 1)]) takes the first devices.
+    devices = np.asarray(jax.devices()[:need]).reshape(sizes)
     return Mesh(devices, names)
 
 

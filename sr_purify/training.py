@@ -202,7 +202,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
 
     ckpt = checkpointing.Checkpointer(checkpoint_dir or os.path.join(workdir, 'checkpoints'),
                                       max_to_keep=config.get('keep_checkpoints', 3))
-    restored, restored_step = ckpt.restore(abstract_with_sharding(state, state_sharding))
+    restored, restored_step = ckpt.restore(abstract_with_sharding(state, state_sharding),
+                                          quarantine=True)
     if restored is not None:
         state = restored
         logging.info('resumed from checkpoint step %d', restored_step)

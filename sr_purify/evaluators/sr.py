@@ -164,3 +164,24 @@ def compare(models: Sequence[tuple], datasets: Sequence[str], scale: int, workdi
         if grid_rows:
             reporting.write_grid(workdir, grid_name, reporting.image_grid(grid_rows), writer, step)
     return {'sr': results, 'models': cost, 'table': table}
+
+
+def run(config, workdir: str):
+    """Evaluate job, mode 'sr': bicubic and (given `config.checkpoint`) a restored SR model."""
+    from sr_purify import checkpointing, data, models
+    scale = data.check_scale(config.model.scale)
+    entries = []
+    if config.checkpoint:
+        model = models.build(config.model)
+        abstract = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params'])
+        params, step = checkpointing.restore_params(config.checkpoint, abstract, 'SR model')
+        entries.append((config.get('label', config.model.name),
+                        lambda p, x: model.apply({'params': p}, x), params))
+    for spec in config.datasets:
+        if spec != 'embedded':
+            data.list_image_files(spec)  # Fail at once on a wrong path, before any work.
+    return compare(entries, config.datasets, scale, workdir,
+                   title=f'SR evaluation x{scale}' + (f' of {config.checkpoint}'
+                                                       if config.checkpoint else ' (bicubic)'),
+                   grid_name='sr_grid.png' if entries else None)

@@ -36,7 +36,9 @@ def psnr_evaluator(apply_with_params, images, scale: int, prefix: str = 'eval'):
     return evaluate
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> training.FitResult:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       writer=None) -> training.FitResult:
+    """Trains, evaluates and reports; `writer` replaces the clu writer (tests record with it)."""
     reporting.check_workdir(workdir)
     reporting.write_config(workdir, config)
     model = models.build(config.model)
@@ -56,7 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     def apply_with_params(params, x):
         return model.apply({'params': params}, x)
 
-    writer = reporting.create_writer(workdir)
+    writer = writer or reporting.create_writer(workdir)
     result = training.fit(
         config, workdir, init_variables=init_variables, loss_fn=loss_fn,
         batches=sr_batches(config, scale),

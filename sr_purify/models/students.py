@@ -1,0 +1,176 @@
+"""Lightweight SR students beyond the slim EDSR (`EDSR(num_blocks=4, features=32)`).
+
+* `IMDN` (Hui et al., ACM MM 2019): information multi-distillation blocks. Each block runs four
+  3x3 convs; after each of the first three a fraction of the channels is "distilled" (kept) and the
+  rest is refined by the next conv; the distilled parts are concatenated, fused by a 1x1 conv and
+  reweighted by contrast-aware channel attention (CCA), plus a block skip. Block outputs are
+  concatenated and fused (1x1), then a 3x3 conv and the global skip, then one conv + pixel shuffle
+  straight to RGB (IMDN's single-stage upsampler, also for x4).
+* `FSRCNN` (Dong et al., ECCV 2016) with ESPCN's sub-pixel output: 5x5 feature extraction (d),
+  1x1 shrink (s), m 3x3 mapping layers, 1x1 expand (d), then a 3x3 conv to 3*scale^2 channels and a
+  pixel shuffle in place of the 9x9 deconvolution. Channel-wise PReLU as the paper (or ReLU).
+
+As EDSR, both subtract the DIV2K RGB mean at the input and add it back at the output, take NHWC
+images in [0, 1], are fully convolutional, and with `return_features=True` also return a dict of
+LR-resolution taps. Parameter counts at x2 with the defaults: IMDN 94,986; FSRCNN 17,132 (slim EDSR
+121,987; EDSR-baseline 1,369,859).
+"""
+
+from typing import Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sr_purify.models.edsr import DIV2K_MEAN, Features, pixel_shuffle
+
+VALID_SCALES = (2, 3, 4)
+
+
+def check_scale(scale: int) -> None:
+  """Raises ValueError listing the valid scales unless `scale` is one of them."""
+  if scale not in VALID_SCALES:
+    raise ValueError(f'scale {scale} not supported; valid: {", ".join(map(str, VALID_SCALES))}')
+
+
+class SubPixelOutput(nn.Module):
+  """One 3x3 conv to `channels * scale**2` then pixel shuffle (ESPCN / IMDN output stage)."""
+  scale: int
+  channels: int = 3
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Conv(self.channels * self.scale * self.scale, (3, 3), name='conv')(x)
+    return pixel_shuffle(x, self.scale)
+
+
+class CCA(nn.Module):
+  """Contrast-aware channel attention: per-channel (std + mean) -> 1x1 squeeze/excite -> sigmoid."""
+  features: int
+  reduction: int = 16
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    # The epsilon keeps the gradient finite where a channel is constant (sqrt'(0) = inf).
+    contrast = jnp.sqrt(var + 1e-12) + mean
+    y = nn.Conv(max(1, self.features // self.reduction), (1, 1), name='squeeze')(contrast)
+    y = nn.relu(y)
+    y = nn.Conv(self.features, (1, 1), name='excite')(y)
+    return x * nn.sigmoid(y)
+
+
+class IMDB(nn.Module):
+  """Information multi-distillation block (IMDN's IMDB)."""
+  features: int
+  distill_rate: float = 0.25
+  negative_slope: float = 0.05
+  cca_reduction: int = 16
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = int(self.features * self.distill_rate)
+    if not 0 < d < self.features:
+      raise ValueError(f'distill_rate {self.distill_rate} leaves {d} of {self.features} channels '
+                       'distilled; need 0 < distilled < features')
+    act = lambda t: nn.leaky_relu(t, self.negative_slope)
+    y = act(nn.Conv(self.features, (3, 3), name='conv_0')(x))
+    distilled = [y[..., :d]]
+    for i in (1, 2):
+      y = act(nn.Conv(self.features, (3, 3), name=f'conv_{i}')(y[..., d:]))
+      distilled.append(y[..., :d])
+    distilled.append(nn.Conv(d, (3, 3), name='conv_3')(y[..., d:]))
+    y = nn.Conv(self.features, (1, 1), name='fuse')(jnp.concatenate(distilled, axis=-1))
+    y = CCA(self.features, self.cca_reduction, name='cca')(y)
+    return x + y
+
+
+class IMDN(nn.Module):
+  """IMDN student. Defaults are CPU-small (3 blocks x 32 ch, 94,986 parameters at x2).
+
+  The paper's IMDN is `num_blocks=6, features=64` (about 0.7 M parameters).
+  Taps: 'head' (first conv), 'block_{i}' (after IMDB i, 1-based), 'body' (after fuse, 3x3 conv and
+  the global skip), all LR-resolution with `features` channels.
+  """
+  scale: int = 2
+  num_blocks: int = 3
+  features: int = 32
+  distill_rate: float = 0.25
+  negative_slope: float = 0.05
+  cca_reduction: int = 16
+
+  def __post_init__(self):
+    check_scale(self.scale)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, return_features: bool = False
+               ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
+    mean = jnp.asarray(DIV2K_MEAN, x.dtype)
+    feats = {}
+    h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
+    feats['head'] = h
+    y = h
+    outs = []
+    for i in range(self.num_blocks):
+      y = IMDB(self.features, self.distill_rate, self.negative_slope, self.cca_reduction,
+               name=f'block_{i + 1}')(y)
+      feats[f'block_{i + 1}'] = y
+      outs.append(y)
+    y = nn.Conv(self.features, (1, 1), name='body_fuse')(jnp.concatenate(outs, axis=-1))
+    y = nn.leaky_relu(y, self.negative_slope)
+    y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
+    feats['body'] = y
+    y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
+    return (y, feats) if return_features else y
+
+
+class ChannelPReLU(nn.Module):
+  """PReLU with one learned negative slope per channel (as FSRCNN), initialised to 0.25."""
+  init_slope: float = 0.25
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    slope = self.param('slope', nn.initializers.constant(self.init_slope), (x.shape[-1],),
+                       jnp.float32)
+    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+class FSRCNN(nn.Module):
+  """FSRCNN(d, s, m) with a sub-pixel (pixel shuffle) output instead of the deconvolution.
+
+  Defaults are the paper's d=56, s=12, m=4 (17,132 parameters at x2 on RGB).
+  Taps: 'head' (after feature extraction, d ch), 'map_{i}' (after mapping layer i, 1-based, s ch),
+  'body' (after expanding, d ch), all at LR resolution.
+  """
+  scale: int = 2
+  features: int = 56           # d
+  shrink: int = 12             # s
+  num_maps: int = 4            # m
+  activation: str = 'prelu'    # 'prelu' (channel-wise, as the paper) or 'relu'
+
+  def __post_init__(self):
+    check_scale(self.scale)
+    if self.activation not in ('prelu', 'relu'):
+      raise ValueError(f'activation {self.activation!r} not supported; valid: prelu, relu')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, return_features: bool = False
+               ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
+    def act(name):
+      return ChannelPReLU(name=name) if self.activation == 'prelu' else nn.relu
+
+    mean = jnp.asarray(DIV2K_MEAN, x.dtype)
+    feats = {}
+    y = act('head_act')(nn.Conv(self.features, (5, 5), name='head')(x - mean))
+    feats['head'] = y
+    y = act('shrink_act')(nn.Conv(self.shrink, (1, 1), name='shrink')(y))
+    for i in range(self.num_maps):
+      y = act(f'map_{i + 1}_act')(nn.Conv(self.shrink, (3, 3), name=f'map_{i + 1}')(y))
+      feats[f'map_{i + 1}'] = y
+    y = act('expand_act')(nn.Conv(self.features, (1, 1), name='expand')(y))
+    feats['body'] = y
+    y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
+    return (y, feats) if return_features else y
