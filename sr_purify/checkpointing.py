@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sr_purify import sharding
+
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's arrays do not fit the state the config builds."""
@@ -35,7 +37,7 @@ def digest(tree: Any) -> str:
                     for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0])
     h = hashlib.sha256()
     for path, leaf in leaves:
-        x = np.asarray(jax.device_get(leaf))
+        x = sharding.to_host(leaf)
         h.update(path.encode())
         h.update(f'{x.dtype}{x.shape}'.encode())
         h.update(np.ascontiguousarray(x).tobytes())

@@ -55,3 +55,21 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
     sharding = data_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-process) arrays.
+
+    A replicated array that spans processes is not fully addressable, so `jax.device_get` would
+    fail on it; its first local shard is the whole value. Sharded arrays are gathered.
+    """
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(one, tree)

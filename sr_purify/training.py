@@ -33,7 +33,8 @@ from clu import periodic_actions
 from sr_purify import checkpointing, registry, reporting, sharding
 
 PyTree = Any
-# loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, extra_metrics))
+# loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, extra_metrics));
+# with `fit(..., frozen=tree)` it takes the frozen tree as a fifth argument.
 LossFn = Callable[[PyTree, PyTree, Dict[str, jax.Array], jax.Array],
                   Tuple[jax.Array, Tuple[PyTree, Dict[str, jax.Array]]]]
 
@@ -81,13 +82,17 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
                    ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(optim, total_steps)
+    # `decay_kernels_only`: no weight decay on 1-D parameters (biases, BatchNorm scales/offsets).
+    decay_mask = ((lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+                  if optim.get('decay_kernels_only', False) else None)
     kinds = {
         'adam': lambda: optax.adam(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
                                    eps=optim.get('eps', 1e-8)),
         'adamw': lambda: optax.adamw(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
-                                     weight_decay=optim.get('weight_decay', 1e-4)),
+                                     weight_decay=optim.get('weight_decay', 1e-4),
+                                     mask=decay_mask),
         'sgd': lambda: optax.chain(
-            optax.add_decayed_weights(optim.get('weight_decay', 0.0)),
+            optax.add_decayed_weights(optim.get('weight_decay', 0.0), mask=decay_mask),
             optax.sgd(schedule, momentum=optim.get('momentum', 0.9), nesterov=True)),
     }
     tx = registry.lookup(kinds, optim.name, 'optimizer')()
@@ -115,13 +120,13 @@ def create_state(init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
-    """The pure update step: `(state, batch, rng) -> (state, metrics)`."""
+    """The pure update step: `(state, batch, rng[, frozen]) -> (state, metrics)`."""
 
-    def train_step(state: TrainState, batch, rng):
+    def train_step(state: TrainState, batch, rng, *frozen):
         step_rng = jax.random.fold_in(rng, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (model_state, extra)), grads = grad_fn(state.params, state.model_state, batch,
-                                                      step_rng)
+                                                      step_rng, *frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -133,11 +138,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     return train_step
 
 
-def compile_step(train_step, mesh, state_sharding):
+def compile_step(train_step, mesh, state_sharding, num_frozen: int = 0):
+    replicated = sharding.replicated(mesh)
     return jax.jit(train_step,
-                   in_shardings=(state_sharding, sharding.data_sharding(mesh),
-                                 sharding.replicated(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   in_shardings=(state_sharding, sharding.data_sharding(mesh), replicated)
+                   + (replicated,) * num_frozen,
+                   out_shardings=(state_sharding, replicated),
                    donate_argnums=0)
 
 
@@ -184,10 +190,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
         batches: Callable[[int], Iterator[Dict[str, np.ndarray]]],
         evaluate: Optional[Callable[[TrainState, int], Dict[str, float]]] = None,
         checkpoint_dir: Optional[str] = None,
+        frozen: Optional[PyTree] = None,
         writer=None) -> FitResult:
     """Trains `config.total_steps` steps (resuming if a checkpoint exists) and returns the state.
 
-    `batches(start_step)` yields process-local numpy batches from `start_step` on.
+    `batches(start_step)` yields process-local numpy batches from `start_step` on. `frozen` is a
+    tree the loss reads but never trains (e.g. a teacher's parameters): it goes to every step as a
+    separate replicated argument, `loss_fn`'s fifth, so it is in neither the state, the optimiser
+    nor the checkpoints.
     """
     t_start = time.time()
     reporting.check_workdir(workdir)
@@ -207,9 +217,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
     if restored is not None:
         state = restored
         logging.info('resumed from checkpoint step %d', restored_step)
-    start_step = int(jax.device_get(state.step))
+    start_step = int(sharding.to_host(state.step))
 
-    step_fn = compile_step(make_train_step(loss_fn, tx, schedule), mesh, state_sharding)
+    # Every process holds the whole frozen tree: its local data is the global (replicated) array.
+    frozen_args = () if frozen is None else (jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding.replicated(mesh),
+                                                         np.asarray(x)), frozen),)
+    step_fn = compile_step(make_train_step(loss_fn, tx, schedule), mesh, state_sharding,
+                           len(frozen_args))
     progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                every_steps=config.get('log_every', 50))
     log_every = config.get('log_every', 50)
@@ -220,7 +235,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
     steps_done, t_loop = 0, None
 
     def check_finite(metrics, step):
-        loss = float(metrics['loss'])
+        loss = float(sharding.to_host(metrics['loss']))
         if not np.isfinite(loss):
             raise NonFiniteLossError(
                 f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint is '
@@ -233,7 +248,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
             it = batches(start_step)
             for step in range(start_step + 1, total_steps + 1):
                 batch = sharding.to_global(next(it), mesh)
-                state, metrics = step_fn(state, batch, step_rng)
+                state, metrics = step_fn(state, batch, step_rng, *frozen_args)
                 if pending is not None:
                     check_finite(*pending)
                 pending = (metrics, step)
@@ -246,7 +261,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
                 is_last = step == total_steps
                 if step % log_every == 0 or is_last:
                     check_finite(metrics, step)
-                    writer.write_scalars(step, jax.device_get(metrics))
+                    writer.write_scalars(step, sharding.to_host(metrics))
                 stop_now = stop.received is not None or (
                     jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
                 if step % ckpt_every == 0 or is_last or stop_now:
@@ -266,5 +281,5 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
         writer.flush()
     elapsed = time.time() - t_loop if t_loop else 0.0
     steps_per_sec = steps_done / elapsed if elapsed > 0 else float('nan')
-    return FitResult(state=state, step=int(jax.device_get(state.step)), preempted=preempted,
+    return FitResult(state=state, step=int(sharding.to_host(state.step)), preempted=preempted,
                      steps_per_sec=steps_per_sec, wall_s=time.time() - t_start)

@@ -28,86 +28,86 @@ rng = functools.partial(jax.random.key, impl='rbg')
 
 
 class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(32, kernel_init=INIT)(x))
-    return nn.Dense(NUM_CLASSES, kernel_init=INIT)(x)
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32, kernel_init=INIT)(x))
+        return nn.Dense(NUM_CLASSES, kernel_init=INIT)(x)
 
 
 class ConvFeatures(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(8, (3, 3), kernel_init=INIT)(x))
-    return nn.Conv(8, (3, 3), kernel_init=INIT)(x)
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), kernel_init=INIT)(x))
+        return nn.Conv(8, (3, 3), kernel_init=INIT)(x)
 
 
 class TinySR(nn.Module):
-  """Conv -> conv to 3 * 2 * 2 channels -> pixel shuffle (x2).
+    """Conv -> conv to 3 * 2 * 2 channels -> pixel shuffle (x2).
 
-  No skip connection: an identity-like path would make every corner of the
-  eps-ball change the output about equally, leaving nothing to find.
-  """
+    No skip connection: an identity-like path would make every corner of the
+    eps-ball change the output about equally, leaving nothing to find.
+    """
 
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, _ = x.shape
-    y = nn.relu(nn.Conv(16, (3, 3), kernel_init=INIT)(x))
-    y = nn.Conv(3 * 4, (3, 3), kernel_init=INIT)(y)
-    return y.reshape(b, h, w, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, 3)
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, _ = x.shape
+        y = nn.relu(nn.Conv(16, (3, 3), kernel_init=INIT)(x))
+        y = nn.Conv(3 * 4, (3, 3), kernel_init=INIT)(y)
+        return y.reshape(b, h, w, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, 3)
 
 
 def apply_fn(module):
-  return lambda params, x: module.apply(params, x)
+    return lambda params, x: module.apply(params, x)
 
 
 def make_data(key, n):
-  """Four classes: a fixed +-1 template per class plus uniform noise, in [0, 1].
+    """Four classes: a fixed +-1 template per class plus uniform noise, in [0, 1].
 
-  The template amplitude (0.03) is below 8/255, so a perturbation of that size
-  can move a sample onto another class's template; clean accuracy is ~98 %.
-  """
-  k_labels, k_noise = jax.random.split(key)
-  templates = jax.random.rademacher(rng(42), (NUM_CLASSES,) + SHAPE).astype(jnp.float32)
-  labels = jax.random.randint(k_labels, (n,), 0, NUM_CLASSES)
-  noise = jax.random.uniform(k_noise, (n,) + SHAPE, minval=-0.2, maxval=0.2)
-  return jnp.clip(0.5 + 0.03 * templates[labels] + noise, min=0.0, max=1.0), labels
+    The template amplitude (0.03) is below 8/255, so a perturbation of that size
+    can move a sample onto another class's template; clean accuracy is ~98 %.
+    """
+    k_labels, k_noise = jax.random.split(key)
+    templates = jax.random.rademacher(rng(42), (NUM_CLASSES,) + SHAPE).astype(jnp.float32)
+    labels = jax.random.randint(k_labels, (n,), 0, NUM_CLASSES)
+    noise = jax.random.uniform(k_noise, (n,) + SHAPE, minval=-0.2, maxval=0.2)
+    return jnp.clip(0.5 + 0.03 * templates[labels] + noise, min=0.0, max=1.0), labels
 
 
 @pytest.fixture(scope='module')
 def trained():
-  """(fn, params, x_test, y_test): an MLP trained to ~100% clean accuracy."""
-  model = MLP()
-  x_train, y_train = make_data(rng(0), 1024)
-  x_test, y_test = make_data(rng(1), 64)
-  params = model.init(rng(2), x_train[:1])
-  tx = optax.adam(3e-3)
+    """(fn, params, x_test, y_test): an MLP trained to >= 95 % clean accuracy."""
+    model = MLP()
+    x_train, y_train = make_data(rng(0), 1024)
+    x_test, y_test = make_data(rng(1), 64)
+    params = model.init(rng(2), x_train[:1])
+    tx = optax.adam(3e-3)
 
-  def step(_, carry):
-    params, opt_state = carry
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply(p, x_train), y_train).mean()
-    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state)
-    return optax.apply_updates(params, updates), opt_state
+    def step(_, carry):
+        params, opt_state = carry
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(p, x_train), y_train).mean()
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state)
+        return optax.apply_updates(params, updates), opt_state
 
-  params, _ = jax.jit(lambda p: jax.lax.fori_loop(0, 300, step, (p, tx.init(p))))(params)
-  fn = apply_fn(model)
-  assert accuracy(fn, params, x_test, y_test) >= 0.95
-  return fn, params, x_test, y_test
+    params, _ = jax.jit(lambda p: jax.lax.fori_loop(0, 300, step, (p, tx.init(p))))(params)
+    fn = apply_fn(model)
+    assert accuracy(fn, params, x_test, y_test) >= 0.95
+    return fn, params, x_test, y_test
 
 
 def accuracy(fn, params, x, y):
-  return float(jnp.mean(jnp.argmax(fn(params, x), -1) == y))
+    return float(jnp.mean(jnp.argmax(fn(params, x), -1) == y))
 
 
 def run(name, fn, params, x, key, labels=None, **overrides):
-  attack = attacks.make_attack(attacks.attack_config(name=name, **overrides))
-  return jax.jit(attack, static_argnums=0)(fn, params, x, key, labels)
+    attack = attacks.make_attack(attacks.attack_config(name=name, **overrides))
+    return jax.jit(attack, static_argnums=0)(fn, params, x, key, labels)
 
 
 def perturbation_norm(d, norm):
-  d = d.reshape(d.shape[0], -1)
-  return jnp.abs(d).max(-1) if norm == 'linf' else jnp.sqrt(jnp.sum(d * d, -1))
+    d = d.reshape(d.shape[0], -1)
+    return jnp.abs(d).max(-1) if norm == 'linf' else jnp.sqrt(jnp.sum(d * d, -1))
 
 
 # ---------------------------------------------------------------------------
@@ -118,31 +118,33 @@ CASES = [(name, norm) for name in sorted(attacks.ATTACKS) for norm in ('linf', '
 
 @pytest.mark.parametrize('name,norm', CASES)
 def test_stays_in_ball_and_range(name, norm):
-  model = MLP()
-  fn = apply_fn(model)
-  x = jax.random.uniform(rng(3), (16,) + SHAPE)
-  # Push some pixels onto the box boundary, where clipping matters.
-  x = jnp.clip(2 * x - 0.5, min=0.0, max=1.0)
-  labels = jax.random.randint(rng(4), (16,), 0, NUM_CLASSES)
-  params = model.init(rng(5), x)
-  attack = attacks.ATTACKS[name]
+    model = MLP()
+    fn = apply_fn(model)
+    x = jax.random.uniform(rng(3), (16,) + SHAPE)
+    # Push some pixels onto the box boundary, where clipping matters.
+    x = jnp.clip(2 * x - 0.5, min=0.0, max=1.0)
+    labels = jax.random.randint(rng(4), (16,), 0, NUM_CLASSES)
+    params = model.init(rng(5), x)
+    attack = attacks.ATTACKS[name]
 
-  # eps is traced, so eps = 0 reuses the compiled attack (and sweeps over eps
-  # never recompile).
-  @jax.jit
-  def run_eps(eps):
-    settings = {} if name == 'fgsm' else dict(steps=3)
-    if name not in ('fgsm', 'apgd'):
-      settings['step_size'] = eps / 2
-    return attack(fn, params, x, rng(6), labels, eps=eps, norm=norm, **settings)
+    # eps is traced, so eps = 0 reuses the compiled attack (and sweeps over eps
+    # never recompile).
+    @jax.jit
+    def run_eps(eps):
+        settings = {} if name == 'fgsm' else dict(steps=3)
+        if name not in ('fgsm', 'apgd'):
+            settings['step_size'] = eps / 2
+        if name in ('pgd', 'apgd'):
+            settings['restarts'] = 2  # The restart selection must keep the budget too.
+        return attack(fn, params, x, rng(6), labels, eps=eps, norm=norm, **settings)
 
-  eps = 0.05 if norm == 'linf' else 0.5
-  x_adv = run_eps(eps)
-  assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-  assert float(perturbation_norm(x_adv - x, norm).max()) <= eps + 1e-6
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-  assert float(jnp.abs(x_adv - x).max()) > 0.0  # It did something.
-  np.testing.assert_array_equal(np.asarray(run_eps(0.0)), np.asarray(x))
+    eps = 0.05 if norm == 'linf' else 0.5
+    x_adv = run_eps(eps)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert float(perturbation_norm(x_adv - x, norm).max()) <= eps + 1e-6
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert float(jnp.abs(x_adv - x).max()) > 0.0  # It did something.
+    np.testing.assert_array_equal(np.asarray(run_eps(0.0)), np.asarray(x))
 
 
 # ---------------------------------------------------------------------------
@@ -150,47 +152,53 @@ def test_stays_in_ball_and_range(name, norm):
 
 
 def test_strength_ordering(trained):
-  fn, params, x, y = trained
-  key = rng(7)
-  eps = 8 / 255
-  clean = accuracy(fn, params, x, y)
-  acc_fgsm = accuracy(fn, params, run('fgsm', fn, params, x, key, y, eps=eps), y)
-  acc_pgd = accuracy(fn, params, run('pgd', fn, params, x, key, y, eps=eps, steps=10,
-                                     step_size=eps / 4), y)
-  acc_apgd = accuracy(fn, params, run('apgd', fn, params, x, key, y, eps=eps, steps=20), y)
-  mi = run('mifgsm', fn, params, x, key, y, eps=eps, steps=10)
-  acc_mi = accuracy(fn, params, mi, y)
-  assert acc_pgd <= acc_fgsm <= clean
-  assert acc_pgd <= 0.5 * clean, (clean, acc_fgsm, acc_pgd)
-  assert acc_mi <= 0.5 * clean, (clean, acc_mi)
-  assert acc_apgd <= acc_pgd + 1 / len(y), (acc_apgd, acc_pgd)
+    fn, params, x, y = trained
+    key = rng(7)
+    eps = 8 / 255
+    clean = accuracy(fn, params, x, y)
+    acc_fgsm = accuracy(fn, params, run('fgsm', fn, params, x, key, y, eps=eps), y)
+    acc_pgd = accuracy(fn, params, run('pgd', fn, params, x, key, y, eps=eps, steps=10,
+                                       step_size=eps / 4), y)
+    acc_apgd = accuracy(fn, params, run('apgd', fn, params, x, key, y, eps=eps, steps=20), y)
+    mi = run('mifgsm', fn, params, x, key, y, eps=eps, steps=10)
+    acc_mi = accuracy(fn, params, mi, y)
+    assert acc_pgd <= acc_fgsm <= clean
+    assert acc_pgd <= 0.5 * clean, (clean, acc_fgsm, acc_pgd)
+    assert acc_mi <= 0.5 * clean, (clean, acc_mi)
+    assert acc_apgd <= acc_pgd + 1 / len(y), (acc_apgd, acc_pgd)
+
+
+def test_apgd_checkpoints_match_the_paper():
+    # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 for 100 iterations.
+    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert attacks.apgd_checkpoints(1) == []
 
 
 def test_restarts_keep_worst_case(trained):
-  fn, params, x, y = trained
-  key = rng(8)
-  # A small budget and few steps, so single runs leave some samples correct.
-  kwargs = dict(eps=3 / 255, steps=3, step_size=1 / 255)
-  one = run('pgd', fn, params, x, key, y, restarts=1, **kwargs)
-  three = run('pgd', fn, params, x, key, y, restarts=3, **kwargs)
-  wrong_one = np.asarray(jnp.argmax(fn(params, one), -1) != y)
-  wrong_three = np.asarray(jnp.argmax(fn(params, three), -1) != y)
-  assert 0 < wrong_one.sum() < len(y)  # The test is informative.
-  assert np.all(wrong_three[wrong_one])  # Per sample: never weaker.
-  assert accuracy(fn, params, three, y) <= accuracy(fn, params, one, y)
-  # Samples that stay correct keep the highest loss over restarts.
-  ce = lambda xa: optax.softmax_cross_entropy_with_integer_labels(fn(params, xa), y)
-  still = ~wrong_three
-  assert np.all(np.asarray(ce(three))[still] >= np.asarray(ce(one))[still] - 1e-5)
+    fn, params, x, y = trained
+    key = rng(8)
+    # A small budget and few steps, so single runs leave some samples correct.
+    kwargs = dict(eps=3 / 255, steps=3, step_size=1 / 255)
+    one = run('pgd', fn, params, x, key, y, restarts=1, **kwargs)
+    three = run('pgd', fn, params, x, key, y, restarts=3, **kwargs)
+    wrong_one = np.asarray(jnp.argmax(fn(params, one), -1) != y)
+    wrong_three = np.asarray(jnp.argmax(fn(params, three), -1) != y)
+    assert 0 < wrong_one.sum() < len(y)  # The test is informative.
+    assert np.all(wrong_three[wrong_one])  # Per sample: never weaker.
+    assert accuracy(fn, params, three, y) <= accuracy(fn, params, one, y)
+    # Samples that stay correct keep the highest loss over restarts.
+    ce = lambda xa: optax.softmax_cross_entropy_with_integer_labels(fn(params, xa), y)
+    still = ~wrong_three
+    assert np.all(np.asarray(ce(three))[still] >= np.asarray(ce(one))[still] - 1e-5)
 
 
 def test_targeted_pgd_reaches_target(trained):
-  fn, params, x, y = trained
-  target = (y + 1) % NUM_CLASSES
-  x_adv = run('pgd', fn, params, x, rng(9), target, eps=32 / 255, steps=20,
-              step_size=4 / 255, targeted=True)
-  hit = jnp.mean(jnp.argmax(fn(params, x_adv), -1) == target)
-  assert float(hit) >= 0.9
+    fn, params, x, y = trained
+    target = (y + 1) % NUM_CLASSES
+    x_adv = run('pgd', fn, params, x, rng(9), target, eps=32 / 255, steps=20,
+                step_size=4 / 255, targeted=True)
+    hit = jnp.mean(jnp.argmax(fn(params, x_adv), -1) == target)
+    assert float(hit) >= 0.9
 
 
 # ---------------------------------------------------------------------------
@@ -198,39 +206,39 @@ def test_targeted_pgd_reaches_target(trained):
 
 
 def test_ssp_raises_feature_distance_beyond_random():
-  model = ConvFeatures()
-  fn = apply_fn(model)
-  x = jax.random.uniform(rng(10), (8,) + SHAPE)
-  params = model.init(rng(11), x)
-  eps = 16 / 255
-  dist = lambda xa: float(jnp.mean(jnp.square(fn(params, xa) - fn(params, x))))
-  x_adv = run('ssp', fn, params, x, rng(12), steps=10)  # No labels needed.
-  # A random perturbation with the same L-inf norm (corners of the ball).
-  noise = eps * jax.random.rademacher(rng(13), x.shape).astype(x.dtype)
-  x_rand = jnp.clip(x + noise, min=0.0, max=1.0)
-  assert dist(x_adv) > 1.5 * dist(x_rand), (dist(x_adv), dist(x_rand))
+    model = ConvFeatures()
+    fn = apply_fn(model)
+    x = jax.random.uniform(rng(10), (8,) + SHAPE)
+    params = model.init(rng(11), x)
+    eps = 16 / 255
+    dist = lambda xa: float(jnp.mean(jnp.square(fn(params, xa) - fn(params, x))))
+    x_adv = run('ssp', fn, params, x, rng(12), steps=10)  # No labels needed.
+    # A random perturbation with the same L-inf norm (corners of the ball).
+    noise = eps * jax.random.rademacher(rng(13), x.shape).astype(x.dtype)
+    x_rand = jnp.clip(x + noise, min=0.0, max=1.0)
+    assert dist(x_adv) > 1.5 * dist(x_rand), (dist(x_adv), dist(x_rand))
 
 
 def test_sr_attack_raises_output_change_beyond_random():
-  model = TinySR()
-  fn = apply_fn(model)
-  lr = jax.random.uniform(rng(14), (8,) + SHAPE)
-  params = model.init(rng(15), lr)
-  eps = 8 / 255
-  change = lambda xa: float(jnp.sum(jnp.square(fn(params, xa) - fn(params, lr))))
-  x_adv = run('sr', fn, params, lr, rng(16), steps=10)
-  noise = eps * jax.random.rademacher(rng(17), lr.shape).astype(lr.dtype)
-  x_rand = jnp.clip(lr + noise, min=0.0, max=1.0)
-  assert fn(params, lr).shape == (8, 16, 16, 3)
-  assert change(x_adv) > 1.5 * change(x_rand), (change(x_adv), change(x_rand))
+    model = TinySR()
+    fn = apply_fn(model)
+    lr = jax.random.uniform(rng(14), (8,) + SHAPE)
+    params = model.init(rng(15), lr)
+    eps = 8 / 255
+    change = lambda xa: float(jnp.sum(jnp.square(fn(params, xa) - fn(params, lr))))
+    x_adv = run('sr', fn, params, lr, rng(16), steps=10)
+    noise = eps * jax.random.rademacher(rng(17), lr.shape).astype(lr.dtype)
+    x_rand = jnp.clip(lr + noise, min=0.0, max=1.0)
+    assert fn(params, lr).shape == (8, 16, 16, 3)
+    assert change(x_adv) > 1.5 * change(x_rand), (change(x_adv), change(x_rand))
 
 
 def test_label_free_needs_random_start():
-  with pytest.raises(ValueError, match='random_start'):
-    attacks.validate(attacks.attack_config(name='sr', random_start=False))
-  x = jnp.full((1,) + SHAPE, 0.5)
-  with pytest.raises(ValueError, match='random_start=True'):
-    attacks.ssp(lambda p, v: v, None, x, rng(0), random_start=False)
+    with pytest.raises(ValueError, match='random_start'):
+        attacks.validate(attacks.attack_config(name='sr', random_start=False))
+    x = jnp.full((1,) + SHAPE, 0.5)
+    with pytest.raises(ValueError, match='random_start=True'):
+        attacks.ssp(lambda p, v: v, None, x, rng(0), random_start=False)
 
 
 # ---------------------------------------------------------------------------
@@ -238,75 +246,75 @@ def test_label_free_needs_random_start():
 
 
 def noise(key, shape):
-  return jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
+    return jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
 
 
 def toy(params, x, key):
-  del params
-  return jnp.sum(x * (1.0 + noise(key, x.shape)), axis=(1, 2, 3))
+    del params
+    return jnp.sum(x * (1.0 + noise(key, x.shape)), axis=(1, 2, 3))
 
 
 def test_eot_gradient_is_mean_of_per_draw_gradients():
-  n = 5
-  key = rng(18)
-  x = jax.random.uniform(rng(19), (3,) + SHAPE)
-  keys = jax.random.split(key, n)
-  # The definition, draw by draw with the same keys. A Python loop, not vmap:
-  # rbg keys draw different numbers under vmap.
-  grad_one = jax.jit(lambda k, loss: jax.grad(lambda x_: loss(toy(None, x_, k)).sum())(x),
-                     static_argnums=1)
-  per_draw_grads = lambda loss: jnp.stack([grad_one(k, loss) for k in keys])
-  identity = lambda out: out
-  by_hand = per_draw_grads(identity).mean(0)
-  # Linear in x: the gradient is the mean of (1 + noise_i).
-  analytic = jnp.mean(jnp.stack([1.0 + noise(k, x.shape) for k in keys]), 0)
-  averaged = attacks.eot(toy, n)
-  got = jax.grad(lambda x_: averaged(None, x_, key).sum())(x)
-  np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got, analytic, rtol=1e-5, atol=1e-5)
+    n = 5
+    key = rng(18)
+    x = jax.random.uniform(rng(19), (3,) + SHAPE)
+    keys = jax.random.split(key, n)
+    # The definition, draw by draw with the same keys. A Python loop, not vmap:
+    # rbg keys draw different numbers under vmap.
+    grad_one = jax.jit(lambda k, loss: jax.grad(lambda x_: loss(toy(None, x_, k)).sum())(x),
+                       static_argnums=1)
+    per_draw_grads = lambda loss: jnp.stack([grad_one(k, loss) for k in keys])
+    identity = lambda out: out
+    by_hand = per_draw_grads(identity).mean(0)
+    # Linear in x: the gradient is the mean of (1 + noise_i).
+    analytic = jnp.mean(jnp.stack([1.0 + noise(k, x.shape) for k in keys]), 0)
+    averaged = attacks.eot(toy, n)
+    got = jax.grad(lambda x_: averaged(None, x_, key).sum())(x)
+    np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, analytic, rtol=1e-5, atol=1e-5)
 
-  # Attacks average the loss, not the output: for a non-linear loss the
-  # gradient is still the mean of the per-draw loss gradients.
-  square = lambda out: jnp.square(out)
-  per_sample, _, grad = attacks.loss_and_grad(square, averaged, None, x, key)
-  np.testing.assert_allclose(grad, per_draw_grads(square).mean(0), rtol=1e-4, atol=1e-3)
-  per_draw_loss = jnp.stack([square(toy(None, x, k)) for k in keys])
-  np.testing.assert_allclose(per_sample, per_draw_loss.mean(0), rtol=1e-5)
-  # ... which differs from the gradient of the loss of the mean output.
-  of_mean = jax.grad(lambda x_: square(averaged(None, x_, key)).sum())(x)
-  assert float(jnp.abs(of_mean - grad).max()) > 1.0
+    # Attacks average the loss, not the output: for a non-linear loss the
+    # gradient is still the mean of the per-draw loss gradients.
+    square = lambda out: jnp.square(out)
+    per_sample, _, grad = attacks.loss_and_grad(square, averaged, None, x, key)
+    np.testing.assert_allclose(grad, per_draw_grads(square).mean(0), rtol=1e-4, atol=1e-3)
+    per_draw_loss = jnp.stack([square(toy(None, x, k)) for k in keys])
+    np.testing.assert_allclose(per_sample, per_draw_loss.mean(0), rtol=1e-5)
+    # ... which differs from the gradient of the loss of the mean output.
+    of_mean = jax.grad(lambda x_: square(averaged(None, x_, key)).sum())(x)
+    assert float(jnp.abs(of_mean - grad).max()) > 1.0
 
 
 def test_attacks_draw_fresh_randomness_every_step():
-  seen = []
+    seen = []
 
-  def noisy(params, x, key):
-    jax.debug.callback(lambda k: seen.append(tuple(np.asarray(k).ravel())),
-                       jax.random.key_data(key))
-    return MLP().apply(params, x + 0.01 * noise(key, x.shape))
+    def noisy(params, x, key):
+        jax.debug.callback(lambda k: seen.append(tuple(np.asarray(k).ravel())),
+                           jax.random.key_data(key))
+        return MLP().apply(params, x + 0.01 * noise(key, x.shape))
 
-  x = jax.random.uniform(rng(20), (4,) + SHAPE)
-  labels = jnp.arange(4) % NUM_CLASSES
-  params = MLP().init(rng(21), x)
-  attack = attacks.make_attack(attacks.attack_config(steps=3, eot_samples=2))
-  attack(attacks.random_fn(noisy), params, x, rng(22), labels)
-  jax.effects_barrier()
-  assert len(seen) == 3 * 2 and len(set(seen)) == 6
+    x = jax.random.uniform(rng(20), (4,) + SHAPE)
+    labels = jnp.arange(4) % NUM_CLASSES
+    params = MLP().init(rng(21), x)
+    attack = attacks.make_attack(attacks.attack_config(steps=3, eot_samples=2))
+    attack(attacks.random_fn(noisy), params, x, rng(22), labels)
+    jax.effects_barrier()
+    assert len(seen) == 3 * 2 and len(set(seen)) == 6
 
 
 def test_bpda_forward_is_forward_and_gradient_is_backward():
-  x = jnp.array([0.2, 0.7, 1.4, -0.6])
-  w = jnp.array([1.0, 2.0, 3.0, 4.0])
-  rounded = attacks.bpda(jnp.round)
-  np.testing.assert_array_equal(rounded(x), jnp.round(x))
-  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(w * rounded(v)))(x), w)
-  # Without BPDA the gradient of round is zero everywhere.
-  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(w * jnp.round(v)))(x), 0 * w)
-  # A custom backward and extra non-differentiated arguments (a key here).
-  noisy_round = attacks.bpda(lambda v, k: jnp.round(v + jax.random.uniform(k, v.shape)),
-                             backward=lambda v, k: 2.0 * v)
-  g = jax.jit(jax.grad(lambda v: jnp.sum(w * noisy_round(v, rng(0)))))(x)
-  np.testing.assert_allclose(g, 2.0 * w)
+    x = jnp.array([0.2, 0.7, 1.4, -0.6])
+    w = jnp.array([1.0, 2.0, 3.0, 4.0])
+    rounded = attacks.bpda(jnp.round)
+    np.testing.assert_array_equal(rounded(x), jnp.round(x))
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(w * rounded(v)))(x), w)
+    # Without BPDA the gradient of round is zero everywhere.
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(w * jnp.round(v)))(x), 0 * w)
+    # A custom backward and extra non-differentiated arguments (a key here).
+    noisy_round = attacks.bpda(lambda v, k: jnp.round(v + jax.random.uniform(k, v.shape)),
+                               backward=lambda v, k: 2.0 * v)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(w * noisy_round(v, rng(0)))))(x)
+    np.testing.assert_allclose(g, 2.0 * w)
 
 
 # ---------------------------------------------------------------------------
@@ -314,17 +322,17 @@ def test_bpda_forward_is_forward_and_gradient_is_backward():
 
 
 def test_jitted_attack_does_not_retrace(trained):
-  fn, params, x, y = trained
-  attack = attacks.make_attack(attacks.attack_config(name='apgd', steps=5))
+    fn, params, x, y = trained
+    attack = attacks.make_attack(attacks.attack_config(name='apgd', steps=5))
 
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def attack_batch(params, x, key, labels):
-    return attack(fn, params, x, key, labels)
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def attack_batch(params, x, key, labels):
+        return attack(fn, params, x, key, labels)
 
-  first = attack_batch(params, x, jax.random.key(0), y)
-  second = attack_batch(params, 1.0 - x, jax.random.key(1), (y + 1) % NUM_CLASSES)
-  assert first.shape == second.shape == x.shape
+    first = attack_batch(params, x, jax.random.key(0), y)
+    second = attack_batch(params, 1.0 - x, jax.random.key(1), (y + 1) % NUM_CLASSES)
+    assert first.shape == second.shape == x.shape
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -337,48 +345,48 @@ def test_jitted_attack_does_not_retrace(trained):
     (dict(name='mifgsm', restarts=3), 'restarts=3 has no effect on'),
 ])
 def test_validate_names_bad_value_and_choices(overrides, message):
-  with pytest.raises(ValueError) as info:
-    attacks.validate(attacks.attack_config(**overrides))
-  assert message in str(info.value)
-  assert '\n' not in str(info.value)
-  with pytest.raises(ValueError):
-    attacks.make_attack(attacks.attack_config(**overrides))
+    with pytest.raises(ValueError) as info:
+        attacks.validate(attacks.attack_config(**overrides))
+    assert message in str(info.value)
+    assert '\n' not in str(info.value)
+    with pytest.raises(ValueError):
+        attacks.make_attack(attacks.attack_config(**overrides))
 
 
 def test_config_defaults_and_locking():
-  cfg = attacks.attack_config()
-  assert (cfg.name, cfg.norm, cfg.eps, cfg.steps, cfg.step_size) == ('pgd', 'linf', 8 / 255, 10,
-                                                                      2 / 255)
-  assert cfg.random_start and cfg.restarts == 1 and not cfg.targeted and cfg.eot_samples == 1
-  assert attacks.attack_config(name='ssp').eps == 16 / 255
-  assert attacks.attack_config(name='ssp', eps=0.1).step_size == 0.01
-  assert attacks.attack_config(name='mifgsm').step_size is None
-  assert set(attacks.ATTACKS) == {'fgsm', 'pgd', 'mifgsm', 'apgd', 'ssp', 'sr'}
-  assert attacks.LABEL_FREE == {'ssp', 'sr'}
-  with pytest.raises(ValueError, match='unknown attack config field'):
-    attacks.attack_config(epsilon=0.1)
-  with pytest.raises(AttributeError):
-    attacks.attack_config().epsilon = 0.1
+    cfg = attacks.attack_config()
+    assert (cfg.name, cfg.norm, cfg.eps, cfg.steps, cfg.step_size) == ('pgd', 'linf', 8 / 255, 10,
+                                                                        2 / 255)
+    assert cfg.random_start and cfg.restarts == 1 and not cfg.targeted and cfg.eot_samples == 1
+    assert attacks.attack_config(name='ssp').eps == 16 / 255
+    assert attacks.attack_config(name='ssp', eps=0.1).step_size == 0.01
+    assert attacks.attack_config(name='mifgsm').step_size is None
+    assert set(attacks.ATTACKS) == {'fgsm', 'pgd', 'mifgsm', 'apgd', 'ssp', 'sr'}
+    assert attacks.LABEL_FREE == {'ssp', 'sr'}
+    with pytest.raises(ValueError, match='unknown attack config field'):
+        attacks.attack_config(epsilon=0.1)
+    with pytest.raises(AttributeError):
+        attacks.attack_config().epsilon = 0.1
 
 
 def test_check_images_and_labels():
-  good = jnp.full((2,) + SHAPE, 0.5)
-  attacks.check_images(good)
-  with pytest.raises(ValueError, match=r'range \[-0.1, 0.5\]'):
-    attacks.check_images(good.at[0, 0, 0, 0].set(-0.1))
-  with pytest.raises(ValueError, match=r'range \[0.5, 1.5\]'):
-    attacks.check_images(good.at[0, 0, 0, 0].set(1.5))
-  with pytest.raises(ValueError, match=r'rank-4 NHWC.*shape \(8, 8, 3\)'):
-    attacks.check_images(good[0])
-  with pytest.raises(ValueError, match='float'):
-    attacks.check_images(jnp.zeros((2,) + SHAPE, jnp.uint8))
+    good = jnp.full((2,) + SHAPE, 0.5)
+    attacks.check_images(good)
+    with pytest.raises(ValueError, match=r'range \[-0.1, 0.5\]'):
+        attacks.check_images(good.at[0, 0, 0, 0].set(-0.1))
+    with pytest.raises(ValueError, match=r'range \[0.5, 1.5\]'):
+        attacks.check_images(good.at[0, 0, 0, 0].set(1.5))
+    with pytest.raises(ValueError, match=r'rank-4 NHWC.*shape \(8, 8, 3\)'):
+        attacks.check_images(good[0])
+    with pytest.raises(ValueError, match='float'):
+        attacks.check_images(jnp.zeros((2,) + SHAPE, jnp.uint8))
 
-  fn = apply_fn(MLP())
-  params = MLP().init(rng(0), good)
-  attack = attacks.make_attack(attacks.attack_config(steps=1))
-  with pytest.raises(ValueError, match='needs labels'):
-    attack(fn, params, good, rng(0))
-  with pytest.raises(ValueError, match=r'\[0, 1\]'):
-    attack(fn, params, good * 3, rng(0), jnp.zeros(2, jnp.int32))
-  with pytest.raises(ValueError, match='labels must be integer'):
-    attack(fn, params, good, rng(0), jnp.zeros(3, jnp.int32))
+    fn = apply_fn(MLP())
+    params = MLP().init(rng(0), good)
+    attack = attacks.make_attack(attacks.attack_config(steps=1))
+    with pytest.raises(ValueError, match='needs labels'):
+        attack(fn, params, good, rng(0))
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        attack(fn, params, good * 3, rng(0), jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match='labels must be integer'):
+        attack(fn, params, good, rng(0), jnp.zeros(3, jnp.int32))

@@ -37,12 +37,20 @@ backward in the backward pass. Compose freely, e.g.
 
 Attacks (all `attack(fn, params, x, key, labels=None, **settings) -> x_adv`)
 ----------------------------------------------------------------------------
-fgsm    one step (FGSM for linf, FGM for l2)      settings: eps norm targeted
-pgd     Madry et al. 2018, with restarts          + steps step_size random_start restarts
-mifgsm  momentum I-FGSM, Dong et al. 2018         eps steps step_size decay norm targeted
-apgd    APGD-CE, Croce & Hein 2020                eps steps norm random_start restarts targeted
-ssp     NRP self-supervised perturbation          eps steps step_size norm (label-free)
-sr      Choi et al. 2019 basic SR attack          eps steps step_size norm (label-free)
+name    what                                  settings (config fields it reads)
+fgsm    one step: FGSM (linf) / FGM (l2)      eps norm targeted
+pgd     Madry et al. 2018                     eps steps step_size norm random_start restarts
+                                              targeted
+mifgsm  momentum I-FGSM, Dong et al. 2018     eps steps step_size decay norm targeted
+apgd    APGD-CE, Croce & Hein 2020            eps steps norm random_start restarts targeted
+ssp     NRP self-supervised perturbation      eps steps step_size norm random_start (no labels)
+sr      Choi et al. 2019 basic SR attack      eps steps step_size norm random_start (no labels)
+
+`step_size=None` picks the attack's rule: 2.5 eps / steps (pgd), eps / steps
+(mifgsm, ssp, sr); APGD sets its own step (2 eps, halved adaptively). A field
+an attack does not read must keep its neutral value (random_start=False,
+restarts=1, targeted=False), or `validate` raises. For norm='l2' pass an L2
+budget (e.g. eps=0.5 on 32x32 CIFAR); the default eps is an L-inf budget.
 
 Classifier attacks take labels (the target classes when targeted=True) and
 ascend the per-sample cross-entropy summed over the batch. Label-free attacks
@@ -56,9 +64,10 @@ Usage:
 """
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from ml_collections import config_dict
@@ -118,114 +127,115 @@ _NAME_DEFAULTS = {
 
 
 def attack_config(**overrides) -> ml_collections.ConfigDict:
-  """Attack settings: the common defaults, then the named attack's, then overrides.
+    """Attack settings: the common defaults, then the named attack's, then overrides.
 
-  Defaults: name='pgd', norm='linf', eps=8/255, steps=10, step_size=2/255,
-  random_start=True, restarts=1, targeted=False, decay=1.0, eot_samples=1.
-  Naming another attack applies its paper defaults for any field not given
-  (e.g. name='ssp' gives eps=16/255, steps=100, step_size=0.01). The result is
-  locked: a misspelt field raises.
-  """
-  unknown = sorted(set(overrides) - set(_BASE))
-  if unknown:
-    raise ValueError(f"unknown attack config field(s) {', '.join(unknown)}; "
-                     f"valid: {', '.join(sorted(_BASE))}")
-  name = overrides.get('name', _BASE['name'])
-  values = {**_BASE, **_NAME_DEFAULTS.get(name, {}), **overrides}
-  if values['step_size'] is None:
-    # A typed placeholder, so it can still be set from the command line.
-    values['step_size'] = config_dict.placeholder(float)
-  cfg = ml_collections.ConfigDict(values)
-  cfg.lock()
-  return cfg
+    Defaults: name='pgd', norm='linf', eps=8/255, steps=10, step_size=2/255,
+    random_start=True, restarts=1, targeted=False, decay=1.0, eot_samples=1.
+    Naming another attack applies its paper defaults for any field not given
+    (e.g. name='ssp' gives eps=16/255, steps=100, step_size=0.01). The result is
+    locked: a misspelt field raises.
+    """
+    unknown = sorted(set(overrides) - set(_BASE))
+    if unknown:
+        raise ValueError(f"unknown attack config field(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(_BASE))}")
+    name = overrides.get('name', _BASE['name'])
+    values = {**_BASE, **_NAME_DEFAULTS.get(name, {}), **overrides}
+    if values['step_size'] is None:
+        # A typed placeholder, so it can still be set from the command line.
+        values['step_size'] = config_dict.placeholder(float)
+    cfg = ml_collections.ConfigDict(values)
+    cfg.lock()
+    return cfg
 
 
 def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def validate(cfg) -> None:
-  """Raises a one-line ValueError naming the bad value and the valid choices."""
-  if cfg.name not in ATTACKS:
-    raise ValueError(f"unknown attack {cfg.name!r}; valid: {', '.join(sorted(ATTACKS))}")
-  if cfg.norm not in NORMS:
-    raise ValueError(f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
-  checks = (
-      ('eps', _is_number(cfg.eps) and cfg.eps >= 0, 'a number >= 0'),
-      ('step_size', cfg.step_size is None or (_is_number(cfg.step_size) and cfg.step_size >= 0),
-       "a number >= 0, or None for the attack's default"),
-      ('steps', _is_int(cfg.steps) and cfg.steps >= 0, 'an int >= 0'),
-      ('restarts', _is_int(cfg.restarts) and cfg.restarts >= 1, 'an int >= 1'),
-      ('eot_samples', _is_int(cfg.eot_samples) and cfg.eot_samples >= 1, 'an int >= 1'),
-      ('decay', _is_number(cfg.decay) and cfg.decay >= 0, 'a number >= 0'),
-  )
-  for field, ok, valid in checks:
-    if not ok:
-      raise ValueError(f'invalid {field} {cfg[field]!r}; valid: {valid}')
-  used = _SETTINGS[cfg.name]
-  for field, neutral in _NEUTRAL.items():
-    if field not in used and cfg[field] != neutral:
-      users = sorted(n for n, s in _SETTINGS.items() if field in s)
-      raise ValueError(f'{field}={cfg[field]!r} has no effect on {cfg.name!r}; set it to '
-                       f"{neutral!r} or use one of: {', '.join(users)}")
-  if cfg.name in LABEL_FREE and not cfg.random_start:
-    raise ValueError(f'random_start=False is invalid for {cfg.name!r}; valid: True (its loss has '
-                     'zero gradient at the clean input)')
+    """Raises a one-line ValueError naming the bad value and the valid choices."""
+    if cfg.name not in ATTACKS:
+        raise ValueError(f"unknown attack {cfg.name!r}; valid: {', '.join(sorted(ATTACKS))}")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
+    checks = (
+        ('eps', _is_number(cfg.eps) and cfg.eps >= 0, 'a number >= 0'),
+        ('step_size', cfg.step_size is None or (_is_number(cfg.step_size) and cfg.step_size >= 0),
+         "a number >= 0, or None for the attack's default"),
+        ('steps', _is_int(cfg.steps) and cfg.steps >= 0, 'an int >= 0'),
+        ('restarts', _is_int(cfg.restarts) and cfg.restarts >= 1, 'an int >= 1'),
+        ('eot_samples', _is_int(cfg.eot_samples) and cfg.eot_samples >= 1, 'an int >= 1'),
+        ('decay', _is_number(cfg.decay) and cfg.decay >= 0, 'a number >= 0'),
+    )
+    for field, ok, valid in checks:
+        if not ok:
+            raise ValueError(f'invalid {field} {cfg[field]!r}; valid: {valid}')
+    used = _SETTINGS[cfg.name]
+    for field, neutral in _NEUTRAL.items():
+        if field not in used and cfg[field] != neutral:
+            users = sorted(n for n, s in _SETTINGS.items() if field in s)
+            raise ValueError(f'{field}={cfg[field]!r} has no effect on {cfg.name!r}; set it to '
+                             f"{neutral!r} or use one of: {', '.join(users)}")
+    if cfg.name in LABEL_FREE and not cfg.random_start:
+        raise ValueError(f'random_start=False is invalid for {cfg.name!r}; valid: True '
+                         '(its loss has zero gradient at the clean input)')
 
 
 def check_images(x) -> None:
-  """Raises a one-line ValueError unless x is a rank-4 NHWC float batch in [0, 1].
+    """Raises a one-line ValueError unless x is a rank-4 NHWC float batch in [0, 1].
 
-  Reads the values, so call it on concrete arrays only (outside jit).
-  """
-  shape, dtype = getattr(x, 'shape', None), getattr(x, 'dtype', None)
-  if shape is None or len(shape) != 4 or not np.issubdtype(dtype, np.floating):
-    raise ValueError(f'images must be a rank-4 NHWC float array (batch, height, width, channels) '
-                     f'in [0, 1]; got shape {shape} dtype {dtype}')
-  lo, hi = float(np.min(x)), float(np.max(x))
-  if not (lo >= 0.0 and hi <= 1.0):  # Also rejects NaN.
-    raise ValueError(f'image values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}] '
-                     f'for shape {tuple(shape)}')
+    Reads the values, so call it on concrete arrays only (outside jit).
+    """
+    shape, dtype = getattr(x, 'shape', None), getattr(x, 'dtype', None)
+    if shape is None or len(shape) != 4 or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f'images must be a rank-4 NHWC float array (batch, height, width, '
+                         f'channels) in [0, 1]; got shape {shape} dtype {dtype}')
+    # Reduce where the array lives; only two scalars travel to the host.
+    lo, hi = float(jnp.min(x)), float(jnp.max(x))
+    if not (lo >= 0.0 and hi <= 1.0):  # Also rejects NaN.
+        raise ValueError(f'image values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}] '
+                         f'for shape {tuple(shape)}')
 
 
 def _check_labels(labels, x) -> None:
-  shape, dtype = getattr(labels, 'shape', None), getattr(labels, 'dtype', None)
-  if shape != (x.shape[0],) or not np.issubdtype(dtype, np.integer):
-    raise ValueError(f'labels must be integer class indices of shape ({x.shape[0]},) for this '
-                     f'batch; got shape {shape} dtype {dtype}')
+    shape, dtype = getattr(labels, 'shape', None), getattr(labels, 'dtype', None)
+    if shape != (x.shape[0],) or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f'labels must be integer class indices of shape ({x.shape[0]},) for this '
+                         f'batch; got shape {shape} dtype {dtype}')
 
 
 def make_attack(cfg) -> Callable[..., jax.Array]:
-  """Returns `attack(fn, params, x, key, labels=None) -> x_adv` for a config.
+    """Returns `attack(fn, params, x, key, labels=None) -> x_adv` for a config.
 
-  Static settings are bound with functools.partial, so the returned function
-  jits as a whole: `jax.jit(attack, static_argnums=0)` (fn must be hashable:
-  plain functions, partials and `RandomFn` are). Inputs are checked when they
-  are concrete; under jit the checks are skipped (they cost a device read).
-  """
-  validate(cfg)
-  name = cfg.name
-  settings = {field: cfg[field] for field in _SETTINGS[name]}
-  bound = functools.partial(ATTACKS[name], **settings)
-  samples = cfg.eot_samples
+    Static settings are bound with functools.partial, so the returned function
+    jits as a whole: `jax.jit(attack, static_argnums=0)` (fn must be hashable:
+    plain functions, partials and `RandomFn` are). Inputs are checked when they
+    are concrete; under jit the checks are skipped (they cost a device read).
+    """
+    validate(cfg)
+    name = cfg.name
+    settings = {field: cfg[field] for field in _SETTINGS[name]}
+    bound = functools.partial(ATTACKS[name], **settings)
+    samples = cfg.eot_samples
 
-  def attack(fn, params, x, key, labels=None):
-    if name not in LABEL_FREE and labels is None:
-      raise ValueError(f'{name!r} attacks a classifier and needs labels (the target classes '
-                       'when targeted=True); got labels=None')
-    if not isinstance(x, jax.core.Tracer):
-      check_images(x)
-      if name not in LABEL_FREE and not isinstance(labels, jax.core.Tracer):
-        _check_labels(labels, x)
-    if samples > 1 and isinstance(fn, RandomFn):
-      fn = eot(fn, samples)
-    return bound(fn, params, x, key, None if name in LABEL_FREE else labels)
+    def attack(fn, params, x, key, labels=None):
+        if name not in LABEL_FREE and labels is None:
+            raise ValueError(f'{name!r} attacks a classifier and needs labels (the target classes '
+                             'when targeted=True); got labels=None')
+        if not isinstance(x, jax.core.Tracer):
+            check_images(x)
+            if name not in LABEL_FREE and not isinstance(labels, jax.core.Tracer):
+                _check_labels(labels, x)
+        if samples > 1 and isinstance(fn, RandomFn):
+            fn = eot(fn, samples)
+        return bound(fn, params, x, key, None if name in LABEL_FREE else labels)
 
-  return attack
+    return attack
 
 
 __all__ = [

@@ -32,73 +32,74 @@ from sr_purify.attacks import wrappers
 
 
 def _require_random_start(random_start: bool, name: str):
-  if not random_start:
-    raise ValueError(
-        f'{name} needs random_start=True: its distortion loss has zero gradient at the clean '
-        'input, so an attack starting there never moves')
+    if not random_start:
+        raise ValueError(
+            f'{name} needs random_start=True: its distortion loss has zero gradient at the clean '
+            'input, so an attack starting there never moves')
 
 
 def _per_sample_sum(tree: Any, reduce: Callable[..., jax.Array]) -> jax.Array:
-  """Sum over leaves of a per-sample reduction (each leaf has the batch first)."""
-  leaves = jax.tree.leaves(tree)
-  return sum(reduce(leaf.astype(jnp.float32), axis=tuple(range(1, leaf.ndim))) for leaf in leaves)
+    """Sum over leaves of a per-sample reduction (each leaf has the batch first)."""
+    leaves = jax.tree.leaves(tree)
+    return sum(reduce(leaf.astype(jnp.float32), axis=tuple(range(1, leaf.ndim))) for leaf in leaves)
 
 
 def _distortion_attack(fn, params, x, key, *, eps, steps, step_size, norm, reduce):
-  """I-FGSM ascent on sum_leaves reduce((F(x_adv) - F(x))^2), from near x."""
-  gradient._check_norm(norm)
-  k_ref, k_start, k_loop = jax.random.split(key, 3)
-  # The clean output is a constant target; for a random F, its EOT mean.
-  reference = jax.lax.stop_gradient(wrappers.call(fn, params, x, k_ref))
+    """I-FGSM ascent on sum_leaves reduce((F(x_adv) - F(x))^2), from near x."""
+    gradient._check_norm(norm)
+    k_ref, k_start, k_loop = jax.random.split(key, 3)
+    # The clean output is a constant target; for a random F, its EOT mean.
+    reference = jax.lax.stop_gradient(wrappers.call(fn, params, x, k_ref))
 
-  def distortion(out):
-    diff = jax.tree.map(lambda o, r: jnp.square(o - r), out, reference)
-    return _per_sample_sum(diff, reduce)
+    def distortion(out):
+        diff = jax.tree.map(lambda o, r: jnp.square(o - r), out, reference)
+        return _per_sample_sum(diff, reduce)
 
-  def body(i, x_adv):
-    _, _, grad = wrappers.loss_and_grad(distortion, fn, params, x_adv, jax.random.fold_in(k_loop, i))
-    return gradient.project(x_adv + step_size * gradient.steepest_direction(grad, norm), x, eps,
-                            norm)
+    def body(i, x_adv):
+        key_i = jax.random.fold_in(k_loop, i)
+        _, _, grad = wrappers.loss_and_grad(distortion, fn, params, x_adv, key_i)
+        step = step_size * gradient.steepest_direction(grad, norm)
+        return gradient.project(x_adv + step, x, eps, norm)
 
-  x0 = gradient.uniform_in_ball(k_start, x, jnp.minimum(step_size, eps), norm)
-  return jax.lax.fori_loop(0, steps, body, x0)
+    x0 = gradient.uniform_in_ball(k_start, x, jnp.minimum(step_size, eps), norm)
+    return jax.lax.fori_loop(0, steps, body, x0)
 
 
 def ssp(fn, params, x, key, labels=None, *, eps: float = 16 / 255, steps: int = 100,
         step_size: float | None = 0.01, norm: str = 'linf', random_start: bool = True):
-  """Self-supervised perturbation (Naseer et al., CVPR 2020, NRP).
+    """Self-supervised perturbation (Naseer et al., CVPR 2020, NRP).
 
-  Maximises the MSE between `fn(params, x + delta)` and `fn(params, x)` for
-  any feature function fn; no labels. Defaults follow the authors' released
-  code (github.com/Muzammal-Naseer/NRP, ssp.py): eps = 16/255, step_size =
-  0.01 in [0, 1] pixel units (not 1/255), 100 iterations, L-inf, MSE of VGG-16
-  features. One difference: they start from N(0, 1) noise, which their first
-  projection clips to the corners of the ball; we start within one step of x.
-  `step_size=None` uses eps / steps.
-  """
-  del labels
-  _require_random_start(random_start, 'ssp')
-  if step_size is None:
-    step_size = eps / max(steps, 1)
-  return _distortion_attack(fn, params, x, key, eps=eps, steps=steps, step_size=step_size,
-                            norm=norm, reduce=jnp.mean)
+    Maximises the MSE between `fn(params, x + delta)` and `fn(params, x)` for
+    any feature function fn; no labels. Defaults follow the authors' released
+    code (github.com/Muzammal-Naseer/NRP, ssp.py): eps = 16/255, step_size =
+    0.01 in [0, 1] pixel units (not 1/255), 100 iterations, L-inf, MSE of VGG-16
+    features. One difference: they start from N(0, 1) noise, which their first
+    projection clips to the corners of the ball; we start within one step of x.
+    `step_size=None` uses eps / steps.
+    """
+    del labels
+    _require_random_start(random_start, 'ssp')
+    if step_size is None:
+        step_size = eps / max(steps, 1)
+    return _distortion_attack(fn, params, x, key, eps=eps, steps=steps, step_size=step_size,
+                              norm=norm, reduce=jnp.mean)
 
 
 def sr_attack(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 50,
               step_size: float | None = None, norm: str = 'linf', random_start: bool = True):
-  """Basic adversarial attack on super-resolution (Choi et al., ICCV 2019).
+    """Basic adversarial attack on super-resolution (Choi et al., ICCV 2019).
 
-  Perturbs the LR input x within the eps-ball to maximise
-  ||SR(x + delta) - SR(x)||_2^2 with I-FGSM iterations. Defaults follow the
-  paper and its released code (github.com/idearibosome/tf-sr-attack,
-  models/ifgsm.py): T = 50 iterations with step alpha / T where alpha = eps
-  (used when step_size is None), L-inf. Their code compares against the HR
-  ground truth; we measure the change of the SR output itself, so no HR image
-  is needed, hence the random start (see the module docstring).
-  """
-  del labels
-  _require_random_start(random_start, 'sr_attack')
-  if step_size is None:
-    step_size = eps / max(steps, 1)
-  return _distortion_attack(fn, params, x, key, eps=eps, steps=steps, step_size=step_size,
-                            norm=norm, reduce=jnp.sum)
+    Perturbs the LR input x within the eps-ball to maximise
+    ||SR(x + delta) - SR(x)||_2^2 with I-FGSM iterations. Defaults follow the
+    paper and its released code (github.com/idearibosome/tf-sr-attack,
+    models/ifgsm.py): T = 50 iterations with step alpha / T where alpha = eps
+    (used when step_size is None), L-inf. Their code compares against the HR
+    ground truth; we measure the change of the SR output itself, so no HR image
+    is needed, hence the random start (see the module docstring).
+    """
+    del labels
+    _require_random_start(random_start, 'sr_attack')
+    if step_size is None:
+        step_size = eps / max(steps, 1)
+    return _distortion_attack(fn, params, x, key, eps=eps, steps=steps, step_size=step_size,
+                              norm=norm, reduce=jnp.sum)

@@ -92,7 +92,9 @@ class EDSR(nn.Module):
         feats['body'] = y
         y = Upsampler(self.features, self.scale, name='upsampler')(y)
         if self.bicubic_skip:
-            y = nn.Conv(3, (3, 3), name='tail')(y) + upsample_bicubic(x, self.scale)
+            # Zero tail: the untrained network is exactly bicubic, and training only adds detail.
+            tail = nn.Conv(3, (3, 3), kernel_init=nn.initializers.zeros, name='tail')
+            y = tail(y) + upsample_bicubic(x, self.scale)
         else:
             y = nn.Conv(3, (3, 3), name='tail')(y) + mean
         return (y, feats) if return_features else y

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import data, losses, models, reporting, training
+from sr_purify import data, losses, models, reporting, sharding, training
 from sr_purify.evaluators import sr as sr_eval
 
 
@@ -29,7 +29,8 @@ def psnr_evaluator(apply_with_params, images, scale: int, prefix: str = 'eval'):
 
     def evaluate(state, step):
         del step
-        m = sr_eval.evaluate_images(lambda x: apply(state.params, x), images, scale)
+        params = sharding.to_host(state.params)  # Local copy: evaluation runs per process.
+        m = sr_eval.evaluate_images(lambda x: apply(params, x), images, scale)
         return {f'{prefix}/psnr': m['psnr'], f'{prefix}/ssim': m['ssim'],
                 f'{prefix}/bicubic_psnr': m['bicubic_psnr']}
 
@@ -66,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if result.preempted:
         return result
     name = config.get('role', 'model')
-    summary = sr_eval.compare([(name, apply_with_params, result.state.params)],
+    summary = sr_eval.compare([(name, apply_with_params, sharding.to_host(result.state.params))],
                               config.eval.datasets, scale, workdir,
                               title=f'{name} ({config.model.name}) after {result.step} steps',
                               writer=writer, step=result.step)
