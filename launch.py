@@ -22,6 +22,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 _MULTIHOST = flags.DEFINE_bool('multihost', None,
                                'Call jax.distributed.initialize() (default: when the environment '
                                'names a coordinator, e.g. on a TPU VM slice or under SLURM).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-process run started by '
+                                   'hand (e.g. several GPU hosts, or CPU processes on one host).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a run started by hand.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a run started by hand.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -40,6 +45,8 @@ class _QuietLibraries(py_logging.Filter):
 
 
 def _wants_distributed() -> bool:
+    if _COORDINATOR.value:
+        return True
     if _MULTIHOST.value is not None:
         return _MULTIHOST.value
     return any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
@@ -58,7 +65,10 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
     if _wants_distributed():
-        jax.distributed.initialize()
+        # On TPU VMs and SLURM jax finds the coordinator itself; by hand, the flags name it.
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     from sr_purify import trainers
 
     config = _CONFIG.value

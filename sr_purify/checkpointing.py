@@ -201,3 +201,23 @@ def _like(tree: Any, reference: Any) -> Any:
     flat = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     paths, treedef = jax.tree_util.tree_flatten_with_path(reference)
     return jax.tree_util.tree_unflatten(treedef, [flat[_path_str(p)] for p, _ in paths])
+
+
+def restore_variables(directory: str, abstract_params: Any, abstract_model_state: Any,
+                      what: str = 'model') -> Tuple[Any, Any, int]:
+    """Like `restore_params`, also returning the non-trained variables (e.g. batch_stats)."""
+    params, step = restore_params(directory, abstract_params, what)
+    if not jax.tree.leaves(abstract_model_state):
+        return params, abstract_model_state, step
+    directory = os.path.abspath(directory)
+    if os.path.isdir(os.path.join(directory, 'checkpoints')):
+        directory = os.path.join(directory, 'checkpoints')
+    ckpt = Checkpointer(directory, asynchronous=False)
+    try:
+        state, _ = ckpt.restore(None, step=step)
+    finally:
+        ckpt.close()
+    check_compatible(state['model_state'], abstract_model_state, f'{directory} step {step}')
+    model_state = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract_model_state,
+                               _like(state['model_state'], abstract_model_state))
+    return params, model_state, step
