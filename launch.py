@@ -12,6 +12,8 @@ import logging as py_logging
 import os
 import sys
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's C++ INFO lines are noise here.
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -169,14 +169,17 @@ def compare(models: Sequence[tuple], datasets: Sequence[str], scale: int, workdi
 def run(config, workdir: str):
     """Evaluate job, mode 'sr': bicubic and (given `config.checkpoint`) a restored SR model."""
     from sr_purify import checkpointing, data, models
-    scale = data.check_scale(config.model.scale)
+    model_config = config.model
+    if config.checkpoint and config.get('model_from_checkpoint', True):
+        model_config = saved_model_config(config.checkpoint) or model_config
+    scale = data.check_scale(model_config.scale)
     entries = []
     if config.checkpoint:
-        model = models.build(config.model)
+        model = models.build(model_config)
         abstract = jax.eval_shape(
             lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params'])
         params, step = checkpointing.restore_params(config.checkpoint, abstract, 'SR model')
-        entries.append((config.get('label', config.model.name),
+        entries.append((config.get('label', model_config.name),
                         lambda p, x: model.apply({'params': p}, x), params))
     for spec in config.datasets:
         if spec != 'embedded':
@@ -185,3 +188,19 @@ def run(config, workdir: str):
                    title=f'SR evaluation x{scale}' + (f' of {config.checkpoint}'
                                                        if config.checkpoint else ' (bicubic)'),
                    grid_name='sr_grid.png' if entries else None)
+
+
+def saved_model_config(checkpoint: str):
+    """The `model` section of the config.json that the job which wrote `checkpoint` left beside it
+    (in the checkpoint folder or its parent), so a user needs no architecture flags to evaluate."""
+    import json
+    import os
+    import ml_collections
+    for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
+        path = os.path.join(folder, 'config.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if 'model' in saved:
+                return ml_collections.ConfigDict(saved['model'])
+    return None
