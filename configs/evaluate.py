@@ -3,12 +3,31 @@
 SR quality (bicubic, or a restored SR checkpoint) on benchmark folders:
   python launch.py --config=configs/evaluate.py --workdir=workdirs/eval_sr \\
     --config.checkpoint=workdirs/teacher
-  python launch.py --config=configs/evaluate.py:sr,student --config.checkpoint=workdirs/student
+  python launch.py --config=configs/evaluate.py:sr,student \\
+    --config.checkpoint=workdirs/student/student
+
+Attacks on a trained classifier (clean accuracy, accuracy under FGSM, PGD L-inf and L2, MI-FGSM
+and APGD-CE, the per-sample worst case, perturbation norms). CPU default: 500 test images, APGD
+with 20 iterations; `attack,full`: the whole test set and APGD's 100; `attack,small_cnn`: the
+transfer-source classifier:
+  python launch.py --config=configs/evaluate.py:attack --workdir=workdirs/eval_attack \\
+    --config.classifier.checkpoint=workdirs/classifier [--config.eval_examples=1000] \\
+    [--config.attacks[1].eps=0.01]
+
+Robustness of purifiers in front of the classifier (rows: none, bicubic_resample, jpeg and the
+trained sr_resample purifier; oblivious | adaptive | transfer attackers, sanity checks, plot):
+  python launch.py --config=configs/evaluate.py:robustness --workdir=workdirs/eval_robustness \\
+    --config.classifier.checkpoint=workdirs/classifier \\
+    --config.purifiers[3].checkpoint=workdirs/purifier \\
+    --config.transfer.checkpoint=workdirs/classifier_small_cnn
 """
 
 import ml_collections
 
-from configs import common
+from configs import classifier, common
+
+# APGD-CE iterations: the paper's 100 in the full variant, fewer in the CPU default.
+APGD_STEPS = {'cpu': 20, 'full': 100}
 
 SR_BENCHMARKS = ['../shared/data/sr_benchmarks/Set5', '../shared/data/sr_benchmarks/Set14',
                  '../shared/data/sr_benchmarks/BSD100']
@@ -16,23 +35,106 @@ SR_BENCHMARKS = ['../shared/data/sr_benchmarks/Set5', '../shared/data/sr_benchma
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
     parts = [p for p in (arg or 'sr').split(',') if p]
-    modes = ('sr',)
-    options = ('student', 'teacher')
+    modes = ('sr', 'attack', 'robustness')
+    options = ('student', 'teacher', 'small_cnn', 'full')
     for p in parts:
         if p not in modes + options and not p.startswith('scale='):
             raise ValueError(f'unknown evaluate variant {p!r}; valid: '
                              f'{", ".join(modes + options)}, scale=N')
+    if 'attack' in parts:
+        return attack_config(parts)
+    if 'robustness' in parts:
+        return robustness_config(parts)
     scale = int(next((p.split('=')[1] for p in parts if p.startswith('scale=')), 2))
     c = ml_collections.ConfigDict()
     c.trainer = 'evaluate'
     c.mode = 'sr'
     c.seed = 0
     c.mesh = [('data', -1)]
-    # SR model to restore ('' = bicubic only) and the architecture it was trained with.
+    # SR model to restore ('' = bicubic only). Its architecture is read from the config.json that
+    # its job wrote beside it; `model` is the fallback (model_from_checkpoint=False forces it).
     c.checkpoint = ''
     c.label = 'model'
-    c.model = common.edsr(scale=scale)
+    c.model_from_checkpoint = True
+    c.model = common.edsr(scale=scale, bicubic_skip=True)
     if 'student' in parts:
-        c.model = common.edsr(scale=scale, num_blocks=4, features=32)
+        # The default student of configs/student.py (slim EDSR with the bicubic skip).
+        c.model = common.edsr(scale=scale, num_blocks=4, features=32, bicubic_skip=True)
     c.datasets = list(SR_BENCHMARKS)
+    return c
+
+
+def attack_config(parts=()) -> ml_collections.ConfigDict:
+    """Mode 'attack': white-box attacks on a trained classifier, on a fixed test subset."""
+    from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
+    c = ml_collections.ConfigDict()
+    c.trainer = 'evaluate'
+    c.mode = 'attack'
+    c.seed = 0
+    c.mesh = [('data', -1)]
+    small, full = 'small_cnn' in parts, 'full' in parts
+    c.classifier = ml_collections.ConfigDict(dict(
+        model=classifier.small_cnn() if small else classifier.resnet(20),
+        checkpoint='workdirs/classifier_small_cnn' if small else 'workdirs/classifier'))
+    c.eval_examples = 500  # The first N of the seeded test permutation the classifier job used.
+    c.data = classifier.data_config()
+    c.data.eval_examples = c.get_ref('eval_examples')
+    c.batch_size = 100  # Attack batch (fixed shape, the last one padded); divides by devices.
+    if full:  # The whole test set (GPU/TPU).
+        c.eval_examples, c.batch_size = 0, 500
+    eps = 8 / 255
+    c.attacks = [
+        attacks.attack_config(name='fgsm', eps=eps),
+        attacks.attack_config(name='pgd', eps=eps, steps=10, step_size=2 / 255),
+        # L2 PGD with Madry's step rule 2.5 * eps / steps.
+        attacks.attack_config(name='pgd', norm='l2', eps=0.5, steps=10, step_size=0.125),
+        attacks.attack_config(name='mifgsm', eps=eps, steps=10),
+        attacks.attack_config(name='apgd', eps=eps, steps=APGD_STEPS['full' if full else 'cpu']),
+    ]
+    c.grid_samples = 6
+    c.grid_magnify = 10.0  # Perturbation tiles show 0.5 + grid_magnify * delta.
+    return c
+
+
+def purifier_entry(kind: str, checkpoint: str = '', label: str = '') -> ml_collections.ConfigDict:
+    """A row of the robustness table: a purifier kind, its job's workdir for trained kinds ('' =
+    untrained: the kind itself, or its starting point), and a label ('' = the kind)."""
+    from configs import purifier
+    entry = purifier.purifier_config(kind).to_dict()
+    del entry['feature']  # Training-only.
+    return ml_collections.ConfigDict(dict(entry, checkpoint=checkpoint, label=label))
+
+
+def robustness_config(parts=()) -> ml_collections.ConfigDict:
+    """Mode 'robustness': purifiers in front of a classifier under three attackers."""
+    from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
+    c = ml_collections.ConfigDict()
+    c.trainer = 'evaluate'
+    c.mode = 'robustness'
+    c.seed = 0
+    c.mesh = [('data', -1)]
+    small, full = 'small_cnn' in parts, 'full' in parts
+    c.classifier = ml_collections.ConfigDict(dict(
+        model=classifier.small_cnn() if small else classifier.resnet(20),
+        checkpoint='workdirs/classifier_small_cnn' if small else 'workdirs/classifier'))
+    # The transfer source: an independently trained classifier; '' skips the transfer attacker.
+    c.transfer = ml_collections.ConfigDict(dict(model=classifier.small_cnn(), checkpoint=''))
+    c.purifiers = [purifier_entry('none'), purifier_entry('bicubic_resample'),
+                   purifier_entry('jpeg'),
+                   purifier_entry('sr_resample', checkpoint='workdirs/purifier')]
+    c.eval_examples = 500  # The first N of the seeded test permutation the classifier job used.
+    c.data = classifier.data_config()
+    c.data.eval_examples = c.get_ref('eval_examples')
+    c.batch_size = 100  # Fixed shape, the last batch padded; divides by the device count.
+    # PGD with Madry's step rule (2.5 eps / steps; 2/255 at 8/255).
+    c.attacks = [attacks.attack_config(name='pgd', eps=k / 255, steps=10, step_size=None)
+                 for k in (2, 4, 8, 16)]
+    c.attacks += [attacks.attack_config(name='pgd', norm='l2', eps=0.5, steps=10, step_size=None)]
+    # White-box attacker on C∘P: steps=0 keeps each attack's own steps; EOT draws when P is random.
+    c.adaptive = ml_collections.ConfigDict(dict(steps=0, eot_samples=8))
+    # Every attacker also runs the first attack at eps = 0 on this many batches (0: all) for the
+    # eps = 0 sanity check.
+    c.sanity_batches = 1
+    c.grid_samples = 4
+    c.grid_attack = -1  # Index into the attacks; -1: the L-inf attack nearest 8/255.
     return c

@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sr_purify import sharding
 
@@ -126,8 +127,9 @@ class Checkpointer:
             try:
                 if abstract_state is not None:
                     self._check_shapes(s, abstract_state)
+                target = abstract_state if abstract_state is not None else self._as_saved(s)
                 restored = self.manager.restore(
-                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                digest=ocp.args.JsonRestore()))
                 state, saved_digest = restored['state'], restored['digest']['sha256']
             except CheckpointMismatchError:
@@ -151,15 +153,37 @@ class Checkpointer:
             logging.warning('no valid checkpoint among steps %s in %s', candidates, self.directory)
         return None, None
 
-    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    def _as_saved(self, step: int) -> Any:
+        """The saved tree as abstract arrays on this process's first device (None if unknown).
+
+        Without a target orbax reuses the saving run's shardings and refuses another device
+        count (a teacher trained on 8 devices, restored on 1); read everything to one device.
+        """
+        meta_tree = self._saved_tree(step)
+        if meta_tree is None:
+            return None
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+            if hasattr(m, 'shape') and hasattr(m, 'dtype') else m, meta_tree)
+
+    def _saved_tree(self, step: int) -> Any:
+        """Metadata tree (shapes, dtypes) of the saved state, or None when it cannot be read.
+
+        Read with a handler of its own: a fresh manager has no handler registered for 'state'
+        until its first restore, and its `item_metadata` then returns None.
+        """
         try:
-            meta = self.manager.item_metadata(step)['state']
+            meta = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.directory) / str(step) / 'state')
         except Exception:  # No metadata: let restore itself decide.
-            return
-        if meta is None:
-            return
-        meta_tree = getattr(meta, 'tree', meta)
-        check_compatible(meta_tree, abstract_state, f'{self.directory} step {step}')
+            return None
+        return None if meta is None else getattr(meta, 'tree', meta)
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        meta_tree = self._saved_tree(step)
+        if meta_tree is not None:
+            check_compatible(meta_tree, abstract_state, f'{self.directory} step {step}')
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -160,12 +161,24 @@ def test_checkpoint_of_another_architecture_names_the_parameter(tmp_path):
         checkpointing.restore_params(str(tmp_path / 'nothing'), abstract, 'SR model')
 
 
-def test_non_finite_loss_stops_and_names_the_step(tmp_path):
+def test_non_finite_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_sr_config()
-    cfg.total_steps = 3
-    cfg.optim.lr = 1e30  # Diverges at once.
-    with pytest.raises(training.NonFiniteLossError, match=r'non-finite loss .* at step [23]'):
-        _train(cfg, tmp_path)
+    cfg.total_steps = 5
+    cfg.checkpoint_every = 1
+
+    def batches(start_step):  # Finite for steps 1 and 2, NaN from step 3 on.
+        for step in range(start_step + 1, cfg.total_steps + 1):
+            yield {'x': np.full((8, 1), np.nan if step >= 3 else 1.0, np.float32)}
+
+    def loss_fn(params, model_state, batch, rng):
+        return jnp.mean(params['w'] * batch['x']) ** 2, (model_state, {})
+
+    with pytest.raises(training.NonFiniteLossError,
+                       match=r'non-finite loss nan at step 3; stopping. The last good checkpoint '
+                             r'is step 2'):
+        training.fit(cfg, str(tmp_path), init_variables=lambda rng: ({'w': jnp.ones(())}, {}),
+                     loss_fn=loss_fn, batches=batches, writer=RecordingWriter())
+    assert sorted(int(n) for n in os.listdir(tmp_path / 'checkpoints') if n.isdigit()) == [1, 2]
 
 
 def test_unknown_names_give_one_line_errors_with_the_valid_choices():

@@ -135,7 +135,7 @@ def _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts: 
     init = (x, jnp.full((batch,), -jnp.inf, jnp.float32), jnp.zeros((batch,), bool))
     if restarts == 1:
         return run_once(jax.random.fold_in(key, 0))
-    best_x, _, _ = jax.lax.fori_loop(0, restarts, body, init)
+    best_x, _, _ = wrappers.loop(0, restarts, body, init)
     return best_x
 
 
@@ -184,7 +184,7 @@ def pgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 1
                 objective, fn, params, x_adv, jax.random.fold_in(k_loop, i))
             return project(x_adv + step_size * steepest_direction(grad, norm), x, eps, norm)
 
-        return jax.lax.fori_loop(0, steps, body, x0)
+        return wrappers.loop(0, steps, body, x0)
 
     return _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts)
 
@@ -214,7 +214,7 @@ def mifgsm(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int 
         x_adv = project(x_adv + step_size * steepest_direction(momentum, norm), x, eps, norm)
         return x_adv, momentum
 
-    x_adv, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
+    x_adv, _ = wrappers.loop(0, steps, body, (x, jnp.zeros_like(x)))
     return x_adv
 
 
@@ -321,7 +321,7 @@ def apgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 
 
             return jax.lax.cond(is_check[i + 1], at_checkpoint, lambda s: s, s)
 
-        s = jax.lax.fori_loop(0, steps, body, state)
+        s = wrappers.loop(0, steps, body, state)
         return jnp.where(expand(s['found']), s['x_found'], s['x_best'])
 
     return _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts)

@@ -62,7 +62,7 @@ def _distortion_attack(fn, params, x, key, *, eps, steps, step_size, norm, reduc
         return gradient.project(x_adv + step, x, eps, norm)
 
     x0 = gradient.uniform_in_ball(k_start, x, jnp.minimum(step_size, eps), norm)
-    return jax.lax.fori_loop(0, steps, body, x0)
+    return wrappers.loop(0, steps, body, x0)
 
 
 def ssp(fn, params, x, key, labels=None, *, eps: float = 16 / 255, steps: int = 100,

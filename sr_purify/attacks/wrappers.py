@@ -49,6 +49,18 @@ class RandomFn:
         return _mean_over_draws(lambda k: self.fn(params, x, k), key, self.samples)
 
 
+# Convolutions inside a rolled XLA while-loop run several times slower on CPU than the same steps
+# unrolled (jax#12868: 10-step PGD on ResNet-20 took 30.8 s rolled, 2.5 s as separate steps), so
+# loops of up to MAX_UNROLL iterations are unrolled; longer ones stay rolled to bound compile time.
+MAX_UNROLL = 32
+
+
+def loop(lower: int, upper: int, body, init):
+    """`jax.lax.fori_loop`, fully unrolled when the (static) trip count is at most MAX_UNROLL."""
+    unroll = isinstance(upper, int) and isinstance(lower, int) and upper - lower <= MAX_UNROLL
+    return jax.lax.fori_loop(lower, upper, body, init, unroll=True if unroll else 1)
+
+
 def random_fn(fn: Callable[..., Any]) -> RandomFn:
     """Marks `fn(params, x, key)` as random: one fresh draw per attack step."""
     return fn if isinstance(fn, RandomFn) else RandomFn(fn, 1)
@@ -77,7 +89,7 @@ def _mean_over_draws(draw: Callable[[jax.Array], Any], key: jax.Array, n: int):
     def body(i, acc):
         return jax.tree.map(jnp.add, acc, draw(keys[i]))
 
-    total = jax.lax.fori_loop(1, n, body, first)
+    total = loop(1, n, body, first)
     return jax.tree.map(lambda t: t / n, total)
 
 

@@ -202,5 +202,9 @@ def saved_model_config(checkpoint: str):
             with open(path) as f:
                 saved = json.load(f)
             if 'model' in saved:
-                return ml_collections.ConfigDict(saved['model'])
+                model = saved['model']
+                # The student config keeps one field group per architecture (model.edsr, ...).
+                if isinstance(model.get(model['name']), dict):
+                    model = dict(name=model['name'], scale=model['scale'], **model[model['name']])
+                return ml_collections.ConfigDict(model)
     return None

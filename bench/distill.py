@@ -1,0 +1,165 @@
+"""Benchmark: is distillation worth it? The same student from scratch and with each loss set.
+
+Run by hand, never in CI (about 25 minutes on 2 CPU cores with the CPU defaults):
+  python bench/distill.py --workdir=workdirs/bench_distill [--teacher=workdirs/student/teacher]
+      [--teacher_steps=2400] [--steps=900] [--runs=scratch,output,feature,affinity,attention]
+      [--scale=2]
+      [--datasets=../shared/data/sr_benchmarks/Set5,../shared/data/sr_benchmarks/Set14]
+      [--out=bench/distill.md]
+
+Every run trains the default student of configs/student.py (same seed, same batches, same steps,
+same initial weights) against one teacher: `--teacher` (a teacher workdir), or the teacher that the
+student config embeds, trained once into <workdir>/teacher. Each run resumes if it is already in
+<workdir>/<run>. Then the teacher and every student are scored in one process (PSNR/SSIM on Y,
+parameters, FLOPs, CPU latency), and a markdown table is printed and written to
+<workdir>/distill_bench.md (and to --out).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/bench_distill', 'Where the runs go.')
+_TEACHER = flags.DEFINE_string('teacher', '', 'Teacher workdir; empty: train one into '
+                               '<workdir>/teacher with the student config\'s teacher.')
+_TEACHER_STEPS = flags.DEFINE_integer('teacher_steps', 0, 'Steps of the teacher trained here '
+                                      '(0: the teacher config\'s).')
+_STEPS = flags.DEFINE_integer('steps', 0, 'Student steps per run (0: the student config\'s).')
+_RUNS = flags.DEFINE_list('runs', None, 'Runs to do (default: all, in order).')
+_SCALE = flags.DEFINE_integer('scale', 2, 'SR scale.')
+_DATASETS = flags.DEFINE_list('datasets', ['../shared/data/sr_benchmarks/Set5',
+                                           '../shared/data/sr_benchmarks/Set14'],
+                              'Benchmark folders (<set>/HR/*.png).')
+_OUT = flags.DEFINE_string('out', '', 'Also write the markdown table here.')
+
+# Run name -> loss weights. 'scratch' is the same student with the pixel loss alone.
+# The feature-loss weights bring each term to about the size of the pixel loss (pixels in [0, 1];
+# early in training: pixel ~0.012, feature ~0.25, affinity ~0.08, attention ~0.2).
+RUNS = {
+    'scratch': dict(pixel=1.0),
+    'output': dict(pixel=1.0, output=1.0),
+    'feature': dict(pixel=1.0, output=1.0, feature=0.05),
+    'affinity': dict(pixel=1.0, output=1.0, affinity=0.1),
+    'attention': dict(pixel=1.0, output=1.0, attention=0.05),
+}
+
+
+def run_config(name, teacher_dir, steps, scale):
+    from configs import student
+    config = student.get_config(f'scale={scale}')
+    for loss in config.distill.losses:
+        config.distill.losses[loss] = float(RUNS[name].get(loss, 0.0))
+    config.teacher.checkpoint = teacher_dir
+    if steps:
+        config.total_steps = steps
+    return config
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')
+    import jax
+    from sr_purify import data, reporting
+    from sr_purify.evaluators import sr as sr_eval
+    from sr_purify.trainers import distill
+    from sr_purify.trainers import sr as sr_trainer
+
+    t_start = time.time()
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    for spec in _DATASETS.value:
+        data.list_image_files(spec)  # A wrong path fails now, not after the training.
+    names = _RUNS.value or list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise app.UsageError(f'unknown run(s) {unknown}; valid: {", ".join(RUNS)}')
+
+    bench_json = os.path.join(workdir, 'bench.json')
+    record = json.load(open(bench_json)) if os.path.exists(bench_json) else {}
+    teacher_dir = _TEACHER.value
+    if not teacher_dir:
+        teacher_dir = os.path.join(workdir, 'teacher')
+        teacher = run_config('scratch', '', _STEPS.value, _SCALE.value).teacher
+        if _TEACHER_STEPS.value:
+            teacher.total_steps = _TEACHER_STEPS.value
+        if sr_trainer.train_and_evaluate(teacher, teacher_dir).preempted:
+            print('stopped by signal while training the teacher; run the same command to resume')
+            return
+
+    runs = {}
+    for name in names:
+        config = run_config(name, teacher_dir, _STEPS.value, _SCALE.value)
+        logging.info('run %s: losses %s, %d steps', name, RUNS[name], config.total_steps)
+        run = distill.distill(config, os.path.join(workdir, name))
+        if run.result.preempted:
+            print(f'stopped by signal during run {name}; run the same command to resume')
+            return
+        runs[name] = run
+        if run.result.steps_per_sec == run.result.steps_per_sec:  # Not a resumed, finished run.
+            record[name] = {'steps': run.result.step, 'steps_per_sec': run.result.steps_per_sec,
+                            'wall_s': run.result.wall_s}
+        reporting.write_json(workdir, 'bench.json', record)
+
+    first = runs[names[0]]
+    models = [('teacher', lambda p, x: first.teacher.apply({'params': p}, x),
+               first.teacher_params)]
+    models += [(name, lambda p, x, m=run.student: m.apply({'params': p}, x), run.student_params)
+               for name, run in runs.items()]
+    steps = first.result.step
+    summary = sr_eval.compare(models, _DATASETS.value, _SCALE.value, workdir,
+                              title=f'distillation benchmark, {steps} student steps',
+                              table_name='compare_table.md')
+    table = bench_table(summary, names, _SCALE.value, record, steps, first)
+    elapsed = time.time() - t_start
+    text = (f'# Distillation benchmark (x{_SCALE.value}, {steps} student steps per run, '
+            f'teacher {os.path.abspath(teacher_dir)} step {first.teacher_step}; '
+            f'{jax.devices()[0].platform}, {elapsed / 60:.1f} min)\n\n{table}\n')
+    print('\n' + text, flush=True)
+    reporting.write_text(workdir, 'distill_bench.md', text)
+    if _OUT.value:
+        with open(_OUT.value, 'w') as f:
+            f.write(text)
+
+
+def bench_table(summary, names, scale, record, steps, first):
+    """Rows bicubic, teacher, each student; PSNR/SSIM per set, gain over scratch, cost, speed."""
+    from sr_purify import reporting
+    sets = list(summary['sr'])
+    cost = summary['models']
+    header = ['model', 'losses']
+    for s in sets:
+        header += [f'{s} PSNR', f'{s} SSIM']
+    header += ['dB vs scratch (mean)', 'params', 'GFLOPs (720p)', 'ms / 128px LR',
+               'speedup vs teacher', 'train steps/s']
+    psnr = lambda name: [summary['sr'][s][f'x{scale}'][name]['psnr'] for s in sets]
+    base = psnr('scratch') if 'scratch' in names else None
+    rows = [['bicubic', '-'] + sum(([summary['sr'][s][f'x{scale}']['bicubic']['psnr'],
+                                     summary['sr'][s][f'x{scale}']['bicubic']['ssim']]
+                                    for s in sets), []) + ['', 0, 0.0, '-', '-', '-']]
+    teacher_ms = cost['teacher']['ms_per_128px_lr']
+    for name in ['teacher'] + names:
+        losses = ('(teacher, pixel)' if name == 'teacher' else
+                  '+'.join(f'{k}' + (f' x{w:g}' if w != 1 else '') for k, w in RUNS[name].items()))
+        row = [name, losses]
+        for s in sets:
+            m = summary['sr'][s][f'x{scale}'][name]
+            row += [m['psnr'], m['ssim']]
+        gain = ('' if base is None or name == 'teacher' else
+                f'{sum(psnr(name)) / len(sets) - sum(base) / len(sets):+.3f}')
+        sps = record.get(name, {}).get('steps_per_sec', float('nan'))
+        row += [gain, cost[name]['params'], cost[name]['gflops_720p'],
+                cost[name]['ms_per_128px_lr'], f'{teacher_ms / cost[name]["ms_per_128px_lr"]:.1f}x',
+                '-' if name == 'teacher' else f'{sps:.2f}']
+        rows.append(row)
+    del steps, first
+    return reporting.markdown_table(header, rows)
+
+
+if __name__ == '__main__':
+    app.run(main)

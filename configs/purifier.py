@@ -1,0 +1,102 @@
+"""Trains the self-supervised purifier P on unlabelled images (the pipeline never reads a label).
+
+For each batch of clean x: x' = SSP(x) against a frozen feature extractor F (optionally mixed with
+PGD on F's own predictions and Gaussian noise); loss = pixel * L1(P(x'), x)
++ feature * d(F(P(x')), F(x)) + identity * L1(P(x), x).
+
+CPU default (a few minutes on 2 cores): `sr_resample` (antialiased bicubic x2 down, then the slim
+student SR network back up) on CIFAR-10 train images from ../shared/data/cifar10-jpeg, SSP of 10
+steps against a random CNN's features. Start from the distilled student (recommended):
+  python launch.py --config=configs/purifier.py --workdir=workdirs/purifier \\
+    --config.purifier.student_checkpoint=workdirs/student
+(`student_checkpoint=''`, the default, starts the SR network from a random initialisation, which
+with the student's bicubic skip is exactly bicubic resampling, and warns.)
+The NRP generator instead: `configs/purifier.py:nrp`. F from the victim's early layers:
+  --config.purifier.feature.kind=classifier \\
+    --config.purifier.feature.checkpoint=workdirs/classifier --config.purifier.feature.layer=stage_1
+Full size (GPU/TPU): `:full` (combine: `:full,nrp`). Then evaluate:
+  python launch.py --config=configs/evaluate.py:robustness --workdir=workdirs/eval_robustness
+"""
+
+import ml_collections
+
+from configs import classifier, common
+from configs import student as student_config
+
+VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample')
+
+
+def feature_config(kind: str = 'random_cnn') -> ml_collections.ConfigDict:
+    """F: 'random_cnn' (fixed seed, never trained), 'classifier' or 'teacher' (checkpoints)."""
+    return ml_collections.ConfigDict(dict(
+        kind=kind,
+        seed=0,  # random_cnn's initialisation
+        random_cnn=dict(features=32, num_layers=3, num_downsample=1),
+        checkpoint='',  # classifier or teacher job workdir
+        classifier=classifier.resnet(20),
+        teacher=common.edsr(scale=2, bicubic_skip=True),  # configs/teacher.py's CPU default
+        # Tap of the classifier ('stem', 'stage_1', 'stage_2', 'stage_3'; small_cnn: 'conv_1'..3)
+        # or of the teacher ('head', 'block_<i>', 'body').
+        layer='stage_1',
+        distance='l1',  # d(F(P(x')), F(x)): 'l1' or 'l2' (mean squared)
+    ))
+
+
+def purifier_config(kind: str = 'sr_resample') -> ml_collections.ConfigDict:
+    """What a purifier is (sr_purify/purifiers.py); shared with configs/evaluate.py:robustness."""
+    return ml_collections.ConfigDict(dict(
+        kind=kind,
+        scale=2,  # sr_resample / bicubic_resample: down by this factor, back up
+        jpeg_quality=75,
+        input_noise=0.0,  # > 0: Gaussian noise before purifying (random, so EOT applies)
+        student=student_config.student_model('edsr', 2),  # the SR network of sr_resample
+        student_checkpoint='',  # a student job's workdir (its `student/` export); '' = random
+        # The NRP generator (models 'nrp'): CPU-small; the paper's is larger (see `:full`).
+        nrp=dict(num_blocks=1, features=16, growth=8, num_dense=2, dense_layers=4,
+                 res_scale=0.2),
+        feature=feature_config(),
+    ))
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    parts = [p for p in (arg or 'cpu').split(',') if p]
+    for p in parts:
+        if p not in VARIANTS:
+            raise ValueError(f'unknown config variant {p!r}; valid: {", ".join(VARIANTS)}')
+    c = common.base()
+    c.trainer = 'purifier'
+    c.role = 'purifier'
+    c.purifier = purifier_config('nrp' if 'nrp' in parts else 'sr_resample')
+    # How x' is made from each clean batch, inside the jitted step. Fractions of the batch
+    # (normalised): SSP on F, PGD on F's own predictions (classifier F only), Gaussian noise.
+    c.perturb = ml_collections.ConfigDict(dict(
+        ssp=1.0, pgd=0.0, noise=0.0,
+        eps=16 / 255, steps=10, step_size=0.01,  # SSP (NRP: 16/255, 100 steps of 0.01)
+        pgd_eps=8 / 255, pgd_steps=10, pgd_step_size=2 / 255,
+        noise_std=16 / 255))
+    c.loss = ml_collections.ConfigDict(dict(pixel=1.0, feature=0.1, identity=1.0))
+    c.data = ml_collections.ConfigDict(dict(
+        source='cifar',  # cifar (classification data, labels dropped) | folder | embedded
+        cifar=classifier.data_config(eval_examples=64),
+        path='',  # folder source: any images, random `patch` crops
+        patch=32, flip=True,
+        eval_images=64))  # held-out images for the end-of-training report
+    c.data.cifar.train_examples = 0
+    c.batch_size = 32
+    c.total_steps = 200
+    c.log_every = 25
+    c.checkpoint_every = 100
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 20
+    c.grid_samples = 6
+    if 'full' in parts:
+        c.batch_size = 128
+        c.total_steps = 20_000
+        c.perturb.steps = 50
+        c.log_every = 100
+        c.eval_every = 2_000
+        c.checkpoint_every = 1_000
+        c.optim.warmup_steps = 500
+        c.purifier.nrp = dict(num_blocks=3, features=64, growth=32, num_dense=3, dense_layers=4,
+                              res_scale=0.2)
+    return c

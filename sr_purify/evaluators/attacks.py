@@ -1,0 +1,199 @@
+"""Attack evaluation of a trained classifier: clean accuracy, accuracy under each attack, worst case.
+
+For a fixed test subset (`config.data.eval_examples`, the first N of a seeded permutation) every
+attack of `config.attacks` runs in fixed-shape batches sharded over the mesh (each attack is
+compiled once). Reported per attack: accuracy on its adversarial examples and the mean L-inf and L2
+norms of the perturbations. The worst case counts a sample as robust only if it is classified
+correctly clean and under every attack. Outputs: a printed table, attacks_table.md, the `attacks`
+section of results.json, TensorBoard scalars and attacks_grid.png (clean | magnified perturbation |
+adversarial, per attack).
+"""
+
+import logging
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sr_purify import attacks, classification_data as cdata, models, reporting, sharding
+from sr_purify.trainers import classifier as classifier_trainer
+
+
+def attack_label(cfg: ml_collections.ConfigDict) -> str:
+    """'pgd linf 8/255 x10' or 'pgd l2 0.5 x10': what the table calls an attack."""
+    k = cfg.eps * 255
+    eps = f'{round(k)}/255' if cfg.norm == 'linf' and abs(k - round(k)) < 1e-6 else f'{cfg.eps:g}'
+    steps = '' if cfg.name == 'fgsm' else f' x{cfg.steps}'
+    return f'{cfg.name} {cfg.norm} {eps}{steps}'
+
+
+def _labels(cfgs: Sequence[ml_collections.ConfigDict]) -> List[str]:
+    labels = [attack_label(c) for c in cfgs]
+    seen: Dict[str, int] = {}
+    out = []
+    for label in labels:  # Two configs with one label (e.g. other step sizes) stay apart.
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if labels.count(label) == 1 else f'{label} #{seen[label]}')
+    return out
+
+
+def perturbation_tile(delta: np.ndarray, magnify: float) -> np.ndarray:
+    """0.5 + magnify * delta, clipped to [0, 1]: grey where the attack changed nothing."""
+    return np.clip(0.5 + magnify * delta, 0.0, 1.0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Evaluate job, mode 'attack'. Returns the `attacks` results section."""
+    # Fail fast on the cheap checks: attack settings, then the checkpoint, then the data.
+    cfgs = list(config.attacks)
+    for cfg in cfgs:
+        attacks.validate(cfg)
+        if cfg.name in attacks.LABEL_FREE:
+            raise ValueError(f'attack {cfg.name!r} is label-free and does not target a '
+                             f'classifier; valid here: '
+                             f'{", ".join(sorted(set(attacks.ATTACKS) - attacks.LABEL_FREE))}')
+    variables, step = classifier_trainer.restore(config.classifier.checkpoint,
+                                                 config.classifier.model)
+    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+    sharding.check_batch(config.batch_size, mesh)
+    data = config.data
+    split = cdata.subset(cdata.load_split(data, data.eval_split), data.eval_examples,
+                         data.subset_seed)
+    writer = reporting.create_writer(workdir)
+    result, samples = evaluate(config, variables, split, mesh)
+    result.update(checkpoint=config.classifier.checkpoint, checkpoint_step=step,
+                  model=config.classifier.model.to_dict(), data=split.source)
+
+    title = (f'Attacks on {config.classifier.model.name} ({config.classifier.checkpoint}, step '
+             f'{step}), {result["examples"]} {data.eval_split} images')
+    header = ['attack', 'accuracy', 'mean L-inf', 'mean L2', 'seconds']
+    rows = [['clean', result['clean']['accuracy'], 0.0, 0.0, result['clean']['seconds']]]
+    for label, r in result['per_attack'].items():
+        rows.append([label, r['accuracy'], r['mean_linf'], r['mean_l2'], r['seconds']])
+    rows.append(['worst case (all attacks)', result['worst_case']['accuracy'], '-', '-', '-'])
+    table = reporting.log_table(title, header, rows)
+    magnify = config.get('grid_magnify', 10.0)
+    note = (f'Grid attacks_grid.png, one row per sample: clean, then for each attack in table '
+            f'order the perturbation shown as 0.5 + {magnify:g} x delta and the adversarial '
+            f'image. Norms are of x_adv - x on [0, 1] images (8/255 = 0.0314). The worst case '
+            f'counts a sample as robust only if it is correct clean and under every attack. '
+            f'Seconds include compilation.')
+    reporting.write_text(workdir, 'attacks_table.md', f'# {title}\n\n{table}\n\n{note}')
+    reporting.update_results(workdir, 'attacks', result)
+    scalars = {'attacks/clean/accuracy': result['clean']['accuracy'],
+               'attacks/worst_case/accuracy': result['worst_case']['accuracy']}
+    for label, r in result['per_attack'].items():
+        scalars[f'attacks/{label.replace("/", "_").replace(" ", "_")}/accuracy'] = r['accuracy']
+    writer.write_scalars(step, scalars)
+    if samples['clean'] is not None:
+        reporting.write_grid(workdir, 'attacks_grid.png', grid(samples, magnify), writer, step)
+    writer.flush()
+    return result
+
+
+def evaluate(config: ml_collections.ConfigDict, variables, split: cdata.Split, mesh
+             ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Runs every attack of `config.attacks` on `split`.
+
+    Returns (results, samples): samples holds the first `config.grid_samples` clean images and
+    their adversarial versions under each attack, for the grid.
+    """
+    cfgs = list(config.attacks)
+    labels = _labels(cfgs)
+    predict_logits = classifier_trainer.make_predict(models.build(config.classifier.model))
+    replicated = sharding.replicated(mesh)
+    variables = jax.device_put(variables, replicated)
+
+    def correct(variables, x, labels):
+        return jnp.argmax(predict_logits(variables, x), -1) == labels
+
+    def measure(variables, x, x_adv, labels):
+        delta = (x_adv - x).reshape(x.shape[0], -1)
+        return {'correct': correct(variables, x_adv, labels),
+                'linf': jnp.max(jnp.abs(delta), axis=1),
+                'l2': jnp.sqrt(jnp.sum(jnp.square(delta), axis=1))}
+
+    # Per-sample results come back replicated, so every host can read them.
+    measure = jax.jit(measure, out_shardings=replicated)
+    clean_correct = jax.jit(correct, out_shardings=replicated)
+    # One function object for every call: the attacks take it as a static argument, so each
+    # attack compiles once for the (fixed) batch shape.
+    fn = predict_logits
+    runners = [jax.jit(attacks.make_attack(cfg), static_argnums=0) for cfg in cfgs]
+    key = jax.random.key(config.seed)
+    num_grid = config.get('grid_samples', 6)
+
+    masks, clean, per = [], [], [dict(correct=[], linf=[], l2=[]) for _ in cfgs]
+    seconds = np.zeros(len(cfgs))
+    clean_seconds = 0.0
+    samples = {'clean': None, 'adv': [None] * len(cfgs)}
+    for b, batch in enumerate(cdata.eval_batches(split, global_batch=config.batch_size,
+                                                 process_index=jax.process_index(),
+                                                 process_count=jax.process_count())):
+        g = sharding.to_global(batch, mesh)
+        masks.append(_global_mask(b, config.batch_size, len(split)))
+        t = time.time()
+        clean.append(np.asarray(jax.device_get(clean_correct(variables, g['image'],
+                                                             g['label']))))
+        clean_seconds += time.time() - t
+        if b == 0:
+            samples['clean'] = _first(g['image'], num_grid, replicated)
+        for k, (cfg, run_attack) in enumerate(zip(cfgs, runners)):
+            t = time.time()
+            x_adv = run_attack(fn, variables, g['image'],
+                               jax.random.fold_in(jax.random.fold_in(key, k), b), g['label'])
+            m = jax.device_get(measure(variables, g['image'], x_adv, g['label']))
+            seconds[k] += time.time() - t
+            for name in per[k]:
+                per[k][name].append(np.asarray(m[name]))
+            if b == 0:
+                samples['adv'][k] = _first(x_adv, num_grid, replicated)
+        logging.info('attack evaluation: batch %d done', b + 1)
+
+    mask = np.concatenate(masks).astype(bool)
+    n = int(mask.sum())
+    clean = np.concatenate(clean)[mask]
+    robust = clean.copy()
+    result: Dict[str, Any] = {
+        'examples': n, 'clean': {'accuracy': float(clean.mean()), 'seconds': clean_seconds},
+        'per_attack': {}}
+    for k, (cfg, label) in enumerate(zip(cfgs, labels)):
+        correct = np.concatenate(per[k]['correct'])[mask]
+        linf = np.concatenate(per[k]['linf'])[mask]
+        l2 = np.concatenate(per[k]['l2'])[mask]
+        robust &= correct
+        result['per_attack'][label] = {
+            'config': cfg.to_dict(), 'accuracy': float(correct.mean()),
+            'mean_linf': float(linf.mean()), 'max_linf': float(linf.max()),
+            'mean_l2': float(l2.mean()), 'max_l2': float(l2.max()),
+            'seconds': float(seconds[k]), 'images_per_sec': n / float(seconds[k])}
+    result['worst_case'] = {'accuracy': float(robust.mean()), 'robust': int(robust.sum())}
+    return result, samples
+
+
+def _first(x, count: int, replicated) -> np.ndarray:
+    """The first `count` images of a global batch, on the host (safe on many hosts)."""
+    return np.asarray(jax.device_get(jax.jit(lambda a: a[:count], out_shardings=replicated)(x)))
+
+
+def _global_mask(b: int, global_batch: int, n: int) -> np.ndarray:
+    return (np.arange(b * global_batch, (b + 1) * global_batch) < n).astype(np.float32)
+
+
+def grid(samples: Dict[str, Any], magnify: float) -> np.ndarray:
+    """Rows of clean | (perturbation x magnify, adversarial) per attack, tiles enlarged 3x."""
+    clean = samples['clean']
+    up = 3 if clean.shape[1] <= 64 else 1  # Tiny CIFAR tiles are hard to see at 1:1.
+    size = (clean.shape[1] * up, clean.shape[2] * up)
+    rows = []
+    for i in range(len(clean)):
+        row = [reporting.nearest_upscale(clean[i], size)]
+        for adv in samples['adv']:
+            row.append(reporting.nearest_upscale(perturbation_tile(adv[i] - clean[i], magnify),
+                                                 size))
+            row.append(reporting.nearest_upscale(adv[i], size))
+        rows.append(row)
+    return reporting.image_grid(rows)
