@@ -384,16 +384,17 @@ def main():
                            f"{100 * r['flops'] / r['torch'] / r['peak']:.0f}")
         else:
             torch_cells = f'- | - | {jax_util:.0f} | -'
-        busy = ' (busy)' if r['load'] > (os.cpu_count() or 1) + 0.5 else ''
+        busy = ' (busy)' if r['load'] > ARGS.threads + 1 else ''  # The bench itself adds ~threads.
         print(f"| {LABELS[r['model']]} | {r['work']} | {n / r['jax']:.1f} | {torch_cells} | "
               f"{r['load']:.1f}{busy} |")
     jdot = np.median([p[0] for p in peaks]) / 1e9
     tmm = np.median([p[1] for p in peaks]) / 1e9
     print(f'\nPeak (median over blocks): jnp.dot 2048^2 f32 {jdot:.0f} GFLOP/s, torch.mm '
           f'{tmm:.0f} GFLOP/s; % of peak uses the faster of the two in the same block (a conv '
-          f'kernel can beat a 2048^2 dot: >100 %). load: 1-minute load average after the row, '
-          f'{os.cpu_count()} cores; "busy" rows shared the CPU with other processes, which '
-          f'slows PyTorch (OpenMP) far more than XLA: read their ratios with care.')
+          f'kernel can beat a 2048^2 dot: >100 %). load: 1-minute load average after the row '
+          f'(the bench adds about {ARGS.threads}), {os.cpu_count()} cores; "busy" rows shared '
+          f'the CPU with other processes, which slows PyTorch (OpenMP) far more than XLA: read '
+          f'their ratios with care.')
 
 
 if __name__ == '__main__':

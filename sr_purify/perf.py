@@ -51,7 +51,7 @@ def xla_flags(settings: CpuSettings) -> str:
 
 
 def cpu_only() -> bool:
-    """True when JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin exists."""
+    """True if JAX runs on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin exists."""
     platforms = os.environ.get('JAX_PLATFORMS', '')
     if platforms:
         return platforms.split(',')[0].strip() == 'cpu'
@@ -72,7 +72,8 @@ def reexec_with_allocator_env() -> None:
     if missing and sys.platform.startswith('linux'):
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **missing})
+        argv = getattr(sys, 'orig_argv', None) or [sys.executable] + sys.argv  # orig_argv: 3.10+
+        os.execve(sys.executable, [sys.executable] + list(argv[1:]), {**os.environ, **missing})
 
 
 def apply_cpu_defaults(force: bool = False) -> bool:
@@ -86,5 +87,6 @@ def apply_cpu_defaults(force: bool = False) -> bool:
     if 'jax' in sys.modules:
         raise RuntimeError('apply_cpu_defaults() must run before jax is imported')
     reexec_with_allocator_env()
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(cpu_settings())}".strip()
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(cpu_settings())}"
+    os.environ['XLA_FLAGS'] = flags.strip()
     return True

@@ -70,14 +70,14 @@ def _impl_fn(impl: str):
     return conv_general_dilated_matmul if impl == 'matmul' else None
 
 
-def Conv(features: int, kernel_size: Sequence[int], *, impl: str = 'xla',  # pylint: disable=invalid-name
-         **kwargs) -> nn.Conv:
+def Conv(features: int, kernel_size: Sequence[int], *,  # pylint: disable=invalid-name
+         impl: str = 'xla', **kwargs) -> nn.Conv:
     """`nn.Conv(features, kernel_size, **kwargs)` computed by `impl` ('xla' or 'matmul')."""
     return nn.Conv(features, kernel_size, conv_general_dilated=_impl_fn(impl), **kwargs)
 
 
 def conv_factory(impl: str = 'xla'):
-    """`Conv` with `impl` bound: `conv = conv_factory(self.conv_impl); conv(64, (3, 3), name=..)`."""
+    """`Conv` with `impl` bound, e.g. `conv = conv_factory(self.conv_impl)`."""
     _impl_fn(impl)
     return functools.partial(Conv, impl=impl)
 
