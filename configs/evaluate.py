@@ -64,18 +64,24 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     return c
 
 
-def attack_config(parts=()) -> ml_collections.ConfigDict:
-    """Mode 'attack': white-box attacks on a trained classifier, on a fixed test subset."""
-    from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
+def _classifier_base(mode: str, parts):
+    """Fields the classifier-based modes share: the victim (ResNet-20, or `small_cnn`)."""
     c = ml_collections.ConfigDict()
     c.trainer = 'evaluate'
-    c.mode = 'attack'
+    c.mode = mode
     c.seed = 0
     c.mesh = [('data', -1)]
     small, full = 'small_cnn' in parts, 'full' in parts
     c.classifier = ml_collections.ConfigDict(dict(
         model=classifier.small_cnn() if small else classifier.resnet(20),
         checkpoint='workdirs/classifier_small_cnn' if small else 'workdirs/classifier'))
+    return c, small, full
+
+
+def attack_config(parts=()) -> ml_collections.ConfigDict:
+    """Mode 'attack': white-box attacks on a trained classifier, on a fixed test subset."""
+    from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
+    c, small, full = _classifier_base('attack', parts)
     c.eval_examples = 500  # The first N of the seeded test permutation the classifier job used.
     c.data = classifier.data_config()
     c.data.eval_examples = c.get_ref('eval_examples')
@@ -108,15 +114,7 @@ def purifier_entry(kind: str, checkpoint: str = '', label: str = '') -> ml_colle
 def robustness_config(parts=()) -> ml_collections.ConfigDict:
     """Mode 'robustness': purifiers in front of a classifier under three attackers."""
     from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
-    c = ml_collections.ConfigDict()
-    c.trainer = 'evaluate'
-    c.mode = 'robustness'
-    c.seed = 0
-    c.mesh = [('data', -1)]
-    small, full = 'small_cnn' in parts, 'full' in parts
-    c.classifier = ml_collections.ConfigDict(dict(
-        model=classifier.small_cnn() if small else classifier.resnet(20),
-        checkpoint='workdirs/classifier_small_cnn' if small else 'workdirs/classifier'))
+    c, small, full = _classifier_base('robustness', parts)
     # The transfer source: an independently trained classifier; '' skips the transfer attacker.
     c.transfer = ml_collections.ConfigDict(dict(model=classifier.small_cnn(), checkpoint=''))
     c.purifiers = [purifier_entry('none'), purifier_entry('bicubic_resample'),

@@ -245,3 +245,15 @@ def restore_variables(directory: str, abstract_params: Any, abstract_model_state
     model_state = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract_model_state,
                                _like(state['model_state'], abstract_model_state))
     return params, model_state, step
+
+
+def export_params(directory: str, step: int, params: Any) -> str:
+    """Saves `{'params': params}` alone (a deliverable: no optimiser, adapters or teacher) under
+    `directory`, restorable with `restore_params`; a no-op if that step is already there."""
+    ckpt = Checkpointer(directory, max_to_keep=1, asynchronous=False)
+    try:
+        if step not in ckpt.steps():
+            ckpt.save(step, {'params': params})
+    finally:
+        ckpt.close()
+    return ckpt.directory

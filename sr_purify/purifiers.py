@@ -215,17 +215,6 @@ def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.
     return params
 
 
-def export(directory: str, step: int, params: PyTree) -> str:
-    """Saves `{'params': purifier params}` under `directory` (a no-op if that step is there)."""
-    ckpt = checkpointing.Checkpointer(directory, max_to_keep=1, asynchronous=False)
-    try:
-        if step not in ckpt.steps():
-            ckpt.save(step, {'params': params})
-    finally:
-        ckpt.close()
-    return ckpt.directory
-
-
 def saved_config(checkpoint: str) -> ml_collections.ConfigDict:
     """The `purifier` section of a purifier job's config.json (its workdir or export folder)."""
     workdir = os.path.abspath(checkpoint)

@@ -67,17 +67,6 @@ def load_student(model: ml_collections.ConfigDict, directory: str) -> Tuple[nn.M
     return student, params
 
 
-def export_student(directory: str, step: int, params: PyTree) -> str:
-    """Saves `{'params': student params}` with orbax in `directory` (no-op if already there)."""
-    ckpt = checkpointing.Checkpointer(directory, max_to_keep=1, asynchronous=False)
-    try:
-        if step not in ckpt.steps():
-            ckpt.save(step, {'params': params})
-    finally:
-        ckpt.close()
-    return ckpt.directory
-
-
 def teacher_checkpoint(config: ml_collections.ConfigDict, workdir: str):
     """The teacher's directory; trains one into <workdir>/teacher when none is given.
 
@@ -172,7 +161,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
         return Distilled(result, student, teacher, None, teacher_params, teacher_dir,
                          teacher_step, teacher_run, active, None)
     student_params = sharding.to_host(result.state.params['student'])
-    export_dir = export_student(os.path.join(workdir, 'student'), result.step, student_params)
+    export_dir = checkpointing.export_params(os.path.join(workdir, 'student'), result.step,
+                                             student_params)
     return Distilled(result, student, teacher, student_params, teacher_params, teacher_dir,
                      teacher_step, teacher_run, active, export_dir)
 
