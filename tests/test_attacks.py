@@ -168,6 +168,17 @@ def test_strength_ordering(trained):
     assert acc_apgd <= acc_pgd + 1 / len(y), (acc_apgd, acc_pgd)
 
 
+def test_default_l2_pgd_uses_the_whole_l2_budget(trained):
+    # No eps or step given: the L2 default budget (0.5) and PGD's step rule (2.5 eps / steps)
+    # must carry the perturbation to the sphere, not leave it at an L-inf-sized step's reach
+    # (10 steps of 2/255 travel 0.08). No random start: the steps alone must get there.
+    fn, params, x, y = trained
+    x_adv = run('pgd', fn, params, x, rng(10), y, norm='l2', random_start=False)
+    norms = np.asarray(perturbation_norm(x_adv - x, 'l2'))
+    assert np.all(norms <= 0.5 + 1e-4)
+    assert np.median(norms) >= 0.45, np.median(norms)
+
+
 def test_apgd_checkpoints_match_the_paper():
     # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 for 100 iterations.
     assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
@@ -356,11 +367,14 @@ def test_validate_names_bad_value_and_choices(overrides, message):
 def test_config_defaults_and_locking():
     cfg = attacks.attack_config()
     assert (cfg.name, cfg.norm, cfg.eps, cfg.steps, cfg.step_size) == ('pgd', 'linf', 8 / 255, 10,
-                                                                        2 / 255)
+                                                                        None)
+    # Each norm gets its own budget, and PGD's step follows it (2.5 eps / steps).
+    assert attacks.attack_config(norm='l2').eps == 0.5
     assert cfg.random_start and cfg.restarts == 1 and not cfg.targeted and cfg.eot_samples == 1
     assert attacks.attack_config(name='ssp').eps == 16 / 255
     assert attacks.attack_config(name='ssp', eps=0.1).step_size == 0.01
     assert attacks.attack_config(name='mifgsm').step_size is None
+    assert attacks.attack_config(eps=0.3, step_size=0.01).step_size == 0.01
     assert set(attacks.ATTACKS) == {'fgsm', 'pgd', 'mifgsm', 'apgd', 'ssp', 'sr'}
     assert attacks.LABEL_FREE == {'ssp', 'sr'}
     with pytest.raises(ValueError, match='unknown attack config field'):

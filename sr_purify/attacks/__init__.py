@@ -50,7 +50,7 @@ sr      Choi et al. 2019 basic SR attack      eps steps step_size norm random_st
 (mifgsm, ssp, sr); APGD sets its own step (2 eps, halved adaptively). A field
 an attack does not read must keep its neutral value (random_start=False,
 restarts=1, targeted=False), or `validate` raises. For norm='l2' pass an L2
-budget (e.g. eps=0.5 on 32x32 CIFAR); the default eps is an L-inf budget.
+budget or leave eps out for the norm's default (0.5; 8/255 for linf).
 
 Classifier attacks take labels (the target classes when targeted=True) and
 ascend the per-sample cross-entropy summed over the batch. Label-free attacks
@@ -112,10 +112,14 @@ _SETTINGS = {
 # silently does nothing (e.g. restarts=5 for mifgsm).
 _NEUTRAL = {'random_start': False, 'restarts': 1, 'targeted': False}
 
-_BASE = dict(name='pgd', norm='linf', eps=8 / 255, steps=10, step_size=2 / 255,
+_BASE = dict(name='pgd', norm='linf', eps=None, steps=10, step_size=None,
              random_start=True, restarts=1, targeted=False, decay=1.0, eot_samples=1)
-# Paper defaults per attack; step_size None means "the attack's own rule"
-# (eps / steps for mifgsm and sr; APGD adapts its step itself).
+# The usual CIFAR-scale budget of each norm, used when no eps is given; the L2 one is not a
+# rescaled L-inf one (8/255 as an L2 radius on a 32x32x3 image moves almost nothing).
+DEFAULT_EPS = {'linf': 8 / 255, 'l2': 0.5}
+# Paper defaults per attack; step_size None means "the attack's own rule" (2.5 eps / steps for
+# pgd: 2/255 at the default 8/255 and 10 steps, 0.125 at L2 0.5; eps / steps for mifgsm and sr;
+# APGD adapts its step itself).
 _NAME_DEFAULTS = {
     'fgsm': dict(steps=1, step_size=None, random_start=False),
     'pgd': {},
@@ -129,8 +133,9 @@ _NAME_DEFAULTS = {
 def attack_config(**overrides) -> ml_collections.ConfigDict:
     """Attack settings: the common defaults, then the named attack's, then overrides.
 
-    Defaults: name='pgd', norm='linf', eps=8/255, steps=10, step_size=2/255,
-    random_start=True, restarts=1, targeted=False, decay=1.0, eot_samples=1.
+    Defaults: name='pgd', norm='linf', eps=DEFAULT_EPS[norm] (8/255 L-inf, 0.5 L2), steps=10,
+    step_size=None (the attack's rule, e.g. PGD's 2.5 eps / steps = 2/255), random_start=True,
+    restarts=1, targeted=False, decay=1.0, eot_samples=1.
     Naming another attack applies its paper defaults for any field not given
     (e.g. name='ssp' gives eps=16/255, steps=100, step_size=0.01). The result is
     locked: a misspelt field raises.
@@ -141,6 +146,8 @@ def attack_config(**overrides) -> ml_collections.ConfigDict:
                          f"valid: {', '.join(sorted(_BASE))}")
     name = overrides.get('name', _BASE['name'])
     values = {**_BASE, **_NAME_DEFAULTS.get(name, {}), **overrides}
+    if values['eps'] is None:  # An unknown norm gets the L-inf budget; validate() rejects it.
+        values['eps'] = DEFAULT_EPS.get(values['norm'], DEFAULT_EPS['linf'])
     if values['step_size'] is None:
         # A typed placeholder, so it can still be set from the command line.
         values['step_size'] = config_dict.placeholder(float)
