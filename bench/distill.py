@@ -14,11 +14,11 @@ student config embeds, trained once into <workdir>/teacher. Each run resumes if 
 parameters, FLOPs, CPU latency), and a markdown table is printed and written to
 <workdir>/distill_bench.md (and to --out).
 
-Measured on 2 shared CPU cores (2026-11-25): with the 600-step CPU teacher the scratch student
-beats the teacher and distillation costs 0.4 dB; with a 2400-step teacher
-(`--teacher_steps=2400`, about 37 minutes here) and `--steps=900`, output distillation is within
-+0.02 dB of scratch and the feature losses at these weights lose 0.1-0.2 dB: the teacher is only
-0.14-0.18 dB above the scratch student, which bounds what distillation can transfer.
+Measured on 2 CPU cores (2026-11-25): with the 600-step CPU teacher the scratch student beats
+the teacher and distillation costs 0.4 dB; with a 2400-step teacher output distillation is within
++0.02 dB of scratch; with an 8000-step teacher (`--teacher_steps=8000`, 0.43 dB above the scratch
+student) output distillation is within 0.01 dB of scratch and the feature losses at these weights
+lose 0.1-0.2 dB (README table).
 """
 
 import json
@@ -172,4 +172,6 @@ def bench_table(summary, names, scale, record, steps, first):
 
 
 if __name__ == '__main__':
+    from sr_purify import perf
+    perf.apply_cpu_defaults()  # As launch.py does: the jobs here run the same way.
     app.run(main)

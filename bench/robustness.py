@@ -12,9 +12,10 @@ Stages; each reuses a finished job in its folder under --workdir, so a rerun onl
 5. configs/evaluate.py:robustness with rows none, bicubic_resample, jpeg, sr_resample, nrp and one
    attack, PGD L-inf 8/255, 10 steps of 2/255, random start (plus the eps = 0 sanity attack), on
    the first --examples images of the seeded test permutation; transfer from stage 2.
-Both purifiers train without labels: x' = SSP against F and PGD on F's own predictions
-(pseudo-labels, no data labels), F = the victim's stage_1 features (`--feature=random_cnn` for a
-random CNN instead, with SSP only).
+Both purifiers train 1,000 steps without labels: x' = SSP against F and PGD on F's own
+predictions (pseudo-labels, no data labels), F = the victim's stage_3 features (the last before
+pooling), loss = L1(P(x'), x) + 1.0 * L1(F(P(x')), F(x)) + 2.0 * L1(P(x), x)
+(`--feature=random_cnn` for a random CNN instead, with SSP only).
 """
 
 import argparse
@@ -38,7 +39,13 @@ def parse_args():
     p.add_argument('--transfer', default='', help='finished small_cnn classifier workdir to use '
                    '(default: train one into <workdir>/classifier_small_cnn)')
     p.add_argument('--feature', default='classifier', choices=('classifier', 'random_cnn'))
-    p.add_argument('--purifier_steps', type=int, default=150)
+    p.add_argument('--feature_layer', default='stage_3',
+                   help="the classifier tap F uses ('stem', 'stage_1', 'stage_2', 'stage_3')")
+    p.add_argument('--feature_weight', type=float, default=1.0)
+    p.add_argument('--identity_weight', type=float, default=2.0)
+    p.add_argument('--purifier_steps', type=int, default=1000)
+    p.add_argument('--nrp_steps', type=int, default=0, help='steps of the nrp purifier '
+                   '(0: --purifier_steps)')
     p.add_argument('--batch_size', type=int, default=100, help='evaluation batch')
     return p.parse_args()
 
@@ -67,10 +74,13 @@ def stage(name, workdir, section, run, timings):
 
 def main():
     args = parse_args()
+    from sr_purify import perf
+    perf.apply_cpu_defaults()  # As launch.py does: the jobs here run the same way.
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')
     logging.basicConfig(level=logging.WARNING)
     import jax
+    perf.reserve_callback_thread()  # The evaluation runs the jpeg purifier (host callbacks).
     from configs import classifier as classifier_config
     from configs import evaluate as evaluate_config
     from configs import purifier as purifier_config
@@ -96,18 +106,20 @@ def main():
                                              dirs['classifier_small_cnn']), timings)
 
     def purifier_job(variant):
-        c = purifier_config.get_config(variant)
-        c.total_steps = args.purifier_steps
-        c.checkpoint_every = args.purifier_steps
+        # The ':victim' recipe: F = the victim's features, SSP on them and PGD on its own
+        # predictions (pseudo-labels, no data labels).
+        c = purifier_config.get_config(f'{variant},victim' if args.feature == 'classifier'
+                                       else variant)
+        steps = args.nrp_steps if variant == 'nrp' and args.nrp_steps else args.purifier_steps
+        c.total_steps = c.checkpoint_every = steps
         c.purifier.student_checkpoint = args.student
         f = c.purifier.feature
         f.kind = args.feature
         if args.feature == 'classifier':
             f.checkpoint = dirs['classifier']
             f.classifier = classifier_config.get_config().model
-            f.layer = 'stage_1'
-            # Half SSP on F's features, half PGD on F's own predictions (pseudo-labels).
-            c.perturb.ssp, c.perturb.pgd = 0.5, 0.5
+            f.layer = args.feature_layer
+        c.loss.feature, c.loss.identity = args.feature_weight, args.identity_weight
         return c
 
     stage('purifier sr_resample', dirs['purifier_sr'], 'purifier',

@@ -14,6 +14,11 @@ with the student's bicubic skip is exactly bicubic resampling, and warns.)
 The NRP generator instead: `configs/purifier.py:nrp`. F from the victim's early layers:
   --config.purifier.feature.kind=classifier \\
     --config.purifier.feature.checkpoint=workdirs/classifier --config.purifier.feature.layer=stage_1
+`:victim` is the recipe measured in bench/robustness.py (README): F = the victim classifier's
+last features before pooling, x' half SSP on them and half PGD on its own predictions, a strong
+feature term and a doubled identity term, 1,000 steps, a larger NRP generator:
+  python launch.py --config=configs/purifier.py:nrp,victim \\
+    --config.purifier.feature.checkpoint=workdirs/classifier
 Full size (GPU/TPU): `:full` (combine: `:full,nrp`). Then evaluate:
   python launch.py --config=configs/evaluate.py:robustness --workdir=workdirs/eval_robustness
 """
@@ -23,7 +28,7 @@ import ml_collections
 from configs import classifier, common
 from configs import student as student_config
 
-VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample')
+VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample', 'victim')
 
 
 def feature_config(kind: str = 'random_cnn') -> ml_collections.ConfigDict:
@@ -89,6 +94,16 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 20
     c.grid_samples = 6
+    if 'victim' in parts:
+        f = c.purifier.feature
+        f.kind, f.layer = 'classifier', 'stage_3'  # f.checkpoint: the victim's workdir.
+        c.perturb.ssp, c.perturb.pgd = 0.5, 0.5  # PGD on F's own predictions: no data labels.
+        c.loss.feature, c.loss.identity = 1.0, 2.0
+        c.total_steps = 1_000
+        c.log_every = 100
+        c.checkpoint_every = 500
+        # 1.3 steps/s on 2 cores, mostly the attacks on F: a bigger generator costs little.
+        c.purifier.nrp.update(num_blocks=2, features=32, growth=16)
     if 'full' in parts:
         c.batch_size = 128
         c.total_steps = 20_000

@@ -20,6 +20,7 @@ CPU time: XLA's patch building costs more than the dot saves).
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import sys
 
@@ -63,6 +64,39 @@ def cpu_only() -> bool:
                 return False
         except ModuleNotFoundError:  # A parent package is missing.
             continue
+    return True
+
+
+def host_devices() -> int:
+    """Host (CPU) devices that XLA_FLAGS asks for; 1 when it names none."""
+    for flag in os.environ.get('XLA_FLAGS', '').split():
+        if flag.startswith('--xla_force_host_platform_device_count='):
+            return int(flag.split('=', 1)[1])
+    return 1
+
+
+def reserve_callback_thread() -> bool:
+    """Gives XLA's CPU thread pool one thread more than the host devices (PJRT_NPROC).
+
+    For jobs with host callbacks (the jpeg purifier): under a multi-device CPU mesh each device's
+    callback blocks a pool thread, and with 2 devices on 2 cores nothing is left to run it, so the
+    job hangs (every try, bench/robustness.py). The extra thread costs about 15 % on the conv-heavy
+    training step, so only jobs that need it ask. Must run before JAX's backend starts; does
+    nothing if PJRT_NPROC is set or the run is not CPU-only.
+    """
+    devices = host_devices()
+    if 'PJRT_NPROC' in os.environ or not cpu_only() or devices < 2:
+        return False
+    if 'jax' in sys.modules:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():  # Too late to size the pool.
+            logging.warning('JAX already started: host callbacks on %d CPU devices may hang; '
+                            'set PJRT_NPROC=%d before starting', devices, devices + 1)
+            return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if (cores or 1) > devices:
+        return False
+    os.environ['PJRT_NPROC'] = str(devices + 1)
     return True
 
 

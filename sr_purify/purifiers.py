@@ -38,6 +38,7 @@ KINDS = ('none', 'bicubic_resample', 'jpeg', 'sr_resample', 'nrp')
 TRAINABLE = frozenset({'sr_resample', 'nrp'})
 # Non-differentiable kinds: their gradient is the BPDA approximation (identity backward).
 NON_DIFFERENTIABLE = frozenset({'jpeg'})
+HOST_CALLBACK = frozenset({'jpeg'})  # Run by PIL on the host through jax.pure_callback.
 # Kinds that are random by themselves (none); `input_noise > 0` makes any kind random.
 RANDOM = frozenset()
 
@@ -122,6 +123,14 @@ def jpeg_compress(x: jax.Array, quality: int, mesh=None) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------
 # Building purifiers.
+
+def uses_host_callbacks(config: ml_collections.ConfigDict) -> bool:
+    """True if a job config runs a purifier on the host (jpeg): see perf.reserve_callback_thread."""
+    entries = list(config.get('purifiers', None) or [])
+    if config.get('purifier', None) is not None:
+        entries.append(config.purifier)
+    return any(e.get('kind') in HOST_CALLBACK for e in entries)
+
 
 def _check_kind(kind: str) -> str:
     registry.lookup({k: k for k in KINDS}, kind, 'purifier kind')

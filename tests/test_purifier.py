@@ -126,6 +126,17 @@ def test_purifier_job_refuses_untrainable_kind_and_bad_mix():
         dict(ssp=0.5, pgd=0.25, noise=0.25)), 8) == (4, 2, 2)
 
 
+def test_victim_recipe_is_label_free_and_asks_for_the_victim():
+    # configs/purifier.py:nrp,victim is the benchmark's recipe: half SSP on the victim's features,
+    # half PGD on its own predictions; without the victim's workdir it names the flag to pass.
+    c = purifier_config.get_config('nrp,victim')
+    assert purifier_trainer.check_config(c) == {'pixel': 1.0, 'feature': 1.0, 'identity': 2.0}
+    assert purifier_trainer.mix_counts(c.perturb, c.batch_size) == (16, 16, 0)
+    assert (c.purifier.feature.kind, c.purifier.feature.layer) == ('classifier', 'stage_3')
+    with pytest.raises(FileNotFoundError, match='--config.purifier.feature.checkpoint'):
+        purifiers.build_feature(c.purifier.feature)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every kind: forward and backward.
 
