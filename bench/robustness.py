@@ -12,10 +12,10 @@ Stages; each reuses a finished job in its folder under --workdir, so a rerun onl
 5. configs/evaluate.py:robustness with rows none, bicubic_resample, jpeg, sr_resample, nrp and one
    attack, PGD L-inf 8/255, 10 steps of 2/255, random start (plus the eps = 0 sanity attack), on
    the first --examples images of the seeded test permutation; transfer from stage 2.
-Both purifiers train 1,000 steps without labels: x' = SSP against F and PGD on F's own
-predictions (pseudo-labels, no data labels), F = the victim's stage_3 features (the last before
-pooling), loss = L1(P(x'), x) + 1.0 * L1(F(P(x')), F(x)) + 2.0 * L1(P(x), x)
-(`--feature=random_cnn` for a random CNN instead, with SSP only).
+Both purifiers (sr_resample 1,000 steps, nrp 2,000) train without labels: x' = SSP against F
+and PGD on F's own predictions (pseudo-labels, no data labels), F = the victim's stage_3
+features (the last before pooling), loss = L1(P(x'), x) + 1.0 * L1(F(P(x')), F(x))
++ 2.0 * L1(P(x), x) (`--feature=random_cnn` for a random CNN instead, with SSP only).
 """
 
 import argparse
@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument('--feature_weight', type=float, default=1.0)
     p.add_argument('--identity_weight', type=float, default=2.0)
     p.add_argument('--purifier_steps', type=int, default=1000)
-    p.add_argument('--nrp_steps', type=int, default=0, help='steps of the nrp purifier '
+    p.add_argument('--nrp_steps', type=int, default=2000, help='steps of the nrp purifier '
                    '(0: --purifier_steps)')
     p.add_argument('--batch_size', type=int, default=100, help='evaluation batch')
     return p.parse_args()

@@ -16,7 +16,8 @@ The NRP generator instead: `configs/purifier.py:nrp`. F from the victim's early 
     --config.purifier.feature.checkpoint=workdirs/classifier --config.purifier.feature.layer=stage_1
 `:victim` is the recipe measured in bench/robustness.py (README): F = the victim classifier's
 last features before pooling, x' half SSP on them and half PGD on its own predictions, a strong
-feature term and a doubled identity term, 1,000 steps, a larger NRP generator:
+feature term and a doubled identity term, 2,000 steps (about 27 min on 2 cores), a larger NRP
+generator:
   python launch.py --config=configs/purifier.py:nrp,victim \\
     --config.purifier.feature.checkpoint=workdirs/classifier
 Full size (GPU/TPU): `:full` (combine: `:full,nrp`). Then evaluate:
@@ -99,7 +100,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         f.kind, f.layer = 'classifier', 'stage_3'  # f.checkpoint: the victim's workdir.
         c.perturb.ssp, c.perturb.pgd = 0.5, 0.5  # PGD on F's own predictions: no data labels.
         c.loss.feature, c.loss.identity = 1.0, 2.0
-        c.total_steps = 1_000
+        c.total_steps = 2_000
         c.log_every = 100
         c.checkpoint_every = 500
         # 1.3 steps/s on 2 cores, mostly the attacks on F: a bigger generator costs little.
