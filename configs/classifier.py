@@ -47,10 +47,7 @@ def small_cnn(num_classes: int = 10) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or 'cpu').split(',') if p]
-    for p in parts:
-        if p not in VARIANTS:
-            raise ValueError(f'unknown config variant {p!r}; valid: {", ".join(VARIANTS)}')
+    parts = common.variant_parts(arg, VARIANTS)
     c = common.base()
     c.trainer = 'classifier'
     c.role = 'classifier'

@@ -3,6 +3,17 @@
 import ml_collections
 
 
+def variant_parts(arg, variants, default: str = 'cpu', options=()) -> list:
+    """'full,nrp' -> ['full', 'nrp']; an unknown part fails listing the variants (and `options`,
+    the `name=N` settings allowed, e.g. ('scale',))."""
+    parts = [p for p in (arg or default).split(',') if p]
+    for p in parts:
+        if p not in variants and p.split('=', 1)[0] not in options:
+            valid = ', '.join(list(variants) + [f'{o}=N' for o in options])
+            raise ValueError(f'unknown config variant {p!r}; valid: {valid}')
+    return parts
+
+
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.trainer = ''

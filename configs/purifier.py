@@ -65,10 +65,7 @@ def purifier_config(kind: str = 'sr_resample') -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or 'cpu').split(',') if p]
-    for p in parts:
-        if p not in VARIANTS:
-            raise ValueError(f'unknown config variant {p!r}; valid: {", ".join(VARIANTS)}')
+    parts = common.variant_parts(arg, VARIANTS)
     c = common.base()
     c.trainer = 'purifier'
     c.role = 'purifier'

@@ -54,15 +54,13 @@ def student_model(name: str = 'edsr', scale: int = 2) -> ml_collections.ConfigDi
 def parse_arg(arg):
     """'full,imdn,scale=4' -> (full?, student name, scale); an unknown part lists the valid ones."""
     full, name, scale = False, 'edsr', 2
-    for p in [p for p in (arg or 'cpu').split(',') if p]:
+    for p in common.variant_parts(arg, VARIANTS, options=('scale',)):
         if p.startswith('scale='):
             scale = int(p.split('=', 1)[1])
         elif p == 'full':
             full = True
         elif p in STUDENTS:
             name = p
-        elif p != 'cpu':
-            raise ValueError(f'unknown config variant {p!r}; valid: {", ".join(VARIANTS)}, scale=N')
     return full, name, scale
 
 

@@ -193,19 +193,19 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(directory: str, abstract_params: Any, what: str = 'model') -> Tuple[Any, int]:
-    """Parameters of the newest valid checkpoint under `directory` (a workdir or its checkpoints/).
+def checkpoint_directory(path: str) -> str:
+    """The absolute checkpoints folder of `path`: a job's workdir or its checkpoints/ itself."""
+    path = os.path.abspath(path)
+    inner = os.path.join(path, 'checkpoints')
+    return inner if os.path.isdir(inner) else path
 
-    A missing directory raises FileNotFoundError at once naming the path and what to pass; a
-    checkpoint of another architecture raises CheckpointMismatchError naming the parameter.
-    """
-    directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, 'checkpoints')):
-        directory = os.path.join(directory, 'checkpoints')
-    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
-        raise FileNotFoundError(
-            f'no {what} checkpoint in {directory!r}; pass the workdir of a finished {what} job '
-            f'(or its checkpoints/ folder)')
+
+def has_checkpoints(directory: str) -> bool:
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def restore_newest(directory: str, what: str = 'model') -> Tuple[Any, int]:
+    """(state, step) of the newest valid checkpoint in a checkpoints folder (damaged ones skipped)."""
     ckpt = Checkpointer(directory, asynchronous=False)
     try:
         state, step = ckpt.restore(None)
@@ -213,11 +213,34 @@ def restore_params(directory: str, abstract_params: Any, what: str = 'model') ->
         ckpt.close()
     if state is None:
         raise FileNotFoundError(f'no valid {what} checkpoint in {directory!r} (all damaged)')
+    return state, step
+
+
+def _restore_state(directory: str, what: str) -> Tuple[str, Any, int]:
+    directory = checkpoint_directory(directory)
+    if not has_checkpoints(directory):
+        raise FileNotFoundError(
+            f'no {what} checkpoint in {directory!r}; pass the workdir of a finished {what} job '
+            f'(or its checkpoints/ folder)')
+    state, step = restore_newest(directory, what)
+    return directory, state, step
+
+
+def _as_abstract(saved: Any, abstract: Any, where: str) -> Any:
+    """`saved` checked against `abstract` and cast to its structure and dtypes, as numpy."""
+    check_compatible(saved, abstract, where)
+    return jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract, _like(saved, abstract))
+
+
+def restore_params(directory: str, abstract_params: Any, what: str = 'model') -> Tuple[Any, int]:
+    """Parameters of the newest valid checkpoint under `directory` (a workdir or its checkpoints/).
+
+    A missing directory raises FileNotFoundError at once naming the path and what to pass; a
+    checkpoint of another architecture raises CheckpointMismatchError naming the parameter.
+    """
+    directory, state, step = _restore_state(directory, what)
     params = state['params'] if isinstance(state, dict) and 'params' in state else state
-    check_compatible(params, abstract_params, f'{directory} step {step}')
-    params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract_params,
-                          _like(params, abstract_params))
-    return params, step
+    return _as_abstract(params, abstract_params, f'{directory} step {step}'), step
 
 
 def _like(tree: Any, reference: Any) -> Any:
@@ -230,21 +253,12 @@ def _like(tree: Any, reference: Any) -> Any:
 def restore_variables(directory: str, abstract_params: Any, abstract_model_state: Any,
                       what: str = 'model') -> Tuple[Any, Any, int]:
     """Like `restore_params`, also returning the non-trained variables (e.g. batch_stats)."""
-    params, step = restore_params(directory, abstract_params, what)
+    directory, state, step = _restore_state(directory, what)
+    where = f'{directory} step {step}'
+    params = _as_abstract(state['params'], abstract_params, where)
     if not jax.tree.leaves(abstract_model_state):
         return params, abstract_model_state, step
-    directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, 'checkpoints')):
-        directory = os.path.join(directory, 'checkpoints')
-    ckpt = Checkpointer(directory, asynchronous=False)
-    try:
-        state, _ = ckpt.restore(None, step=step)
-    finally:
-        ckpt.close()
-    check_compatible(state['model_state'], abstract_model_state, f'{directory} step {step}')
-    model_state = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract_model_state,
-                               _like(state['model_state'], abstract_model_state))
-    return params, model_state, step
+    return params, _as_abstract(state['model_state'], abstract_model_state, where), step
 
 
 def export_params(directory: str, step: int, params: Any) -> str:

@@ -164,6 +164,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
+def classifier_attacks(cfgs) -> list:
+    """`cfgs` as a list, each validated and aimed at a classifier (not label-free), not empty."""
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError('config.attacks is empty; give at least one classifier attack')
+    for cfg in cfgs:
+        validate(cfg)
+        if cfg.name in LABEL_FREE:
+            raise ValueError(f'attack {cfg.name!r} is label-free and does not target a classifier; '
+                             f'valid here: {", ".join(sorted(set(ATTACKS) - LABEL_FREE))}')
+    return cfgs
+
+
 def validate(cfg) -> None:
     """Raises a one-line ValueError naming the bad value and the valid choices."""
     if cfg.name not in ATTACKS:

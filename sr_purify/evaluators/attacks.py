@@ -48,13 +48,7 @@ def perturbation_tile(delta: np.ndarray, magnify: float) -> np.ndarray:
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Evaluate job, mode 'attack'. Returns the `attacks` results section."""
     # Fail fast on the cheap checks: attack settings, then the checkpoint, then the data.
-    cfgs = list(config.attacks)
-    for cfg in cfgs:
-        attacks.validate(cfg)
-        if cfg.name in attacks.LABEL_FREE:
-            raise ValueError(f'attack {cfg.name!r} is label-free and does not target a '
-                             f'classifier; valid here: '
-                             f'{", ".join(sorted(set(attacks.ATTACKS) - attacks.LABEL_FREE))}')
+    cfgs = attacks.classifier_attacks(config.attacks)
     variables, step = classifier_trainer.restore(config.classifier.checkpoint,
                                                  config.classifier.model)
     mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))

@@ -56,16 +56,7 @@ class Row:
 
 def attack_list(config: ml_collections.ConfigDict) -> List[ml_collections.ConfigDict]:
     """The configured attacks, validated."""
-    cfgs = list(config.attacks)
-    if not cfgs:
-        raise ValueError('config.attacks is empty; give at least one classifier attack')
-    for cfg in cfgs:
-        attacks.validate(cfg)
-        if cfg.name in attacks.LABEL_FREE:
-            raise ValueError(f'attack {cfg.name!r} is label-free and does not target a classifier; '
-                             f'valid here: '
-                             f'{", ".join(sorted(set(attacks.ATTACKS) - attacks.LABEL_FREE))}')
-    return cfgs
+    return attacks.classifier_attacks(config.attacks)
 
 
 def zero_attack(cfgs: Sequence[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:

@@ -7,7 +7,6 @@ and BatchNorm statistics) as `model.apply` takes them.
 """
 
 import logging
-import os
 from typing import Any, Callable, Dict, Tuple
 
 import flax
@@ -171,11 +170,8 @@ def restore(checkpoint: str, model_config: ml_collections.ConfigDict,
     `checkpoint` is the job's workdir or its checkpoints/ folder. A missing one raises
     FileNotFoundError at once naming `flag`; another architecture raises CheckpointMismatchError.
     """
-    directory = os.path.abspath(checkpoint) if checkpoint else ''
-    if directory and os.path.isdir(os.path.join(directory, 'checkpoints')):
-        directory = os.path.join(directory, 'checkpoints')
-    if not directory or not os.path.isdir(directory) or not any(
-            n.isdigit() for n in os.listdir(directory)):
+    directory = checkpointing.checkpoint_directory(checkpoint) if checkpoint else ''
+    if not directory or not checkpointing.has_checkpoints(directory):
         raise FileNotFoundError(
             f'no classifier checkpoint in {checkpoint!r}; pass {flag}=<workdir of a finished '
             f'classifier job>, e.g. after python launch.py --config=configs/classifier.py '
@@ -183,13 +179,7 @@ def restore(checkpoint: str, model_config: ml_collections.ConfigDict,
     model = models.build(model_config)
     abstract = flax.core.unfreeze(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)))
-    ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
-    try:
-        state, step = ckpt.restore(None)
-    finally:
-        ckpt.close()
-    if state is None:
-        raise FileNotFoundError(f'no valid classifier checkpoint in {directory!r} (all damaged)')
+    state, step = checkpointing.restore_newest(directory, 'classifier')
     saved = {'params': state['params'], **(state.get('model_state') or {})}
     checkpointing.check_compatible(saved, abstract, f'{directory} step {step}')
     variables = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract,
