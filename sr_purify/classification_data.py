@@ -196,22 +196,9 @@ def _load_folder(data: ml_collections.ConfigDict, path: str, split: str) -> Spli
     return result
 
 
-def tfds_builder(data: ml_collections.ConfigDict):
-    """A prepared tfds builder, or a clear error at once (no minutes of offline retries)."""
-    import tensorflow_datasets as tfds
-    builder = tfds.builder(data.name, data_dir=data.get('data_dir', '') or None)
-    if not builder.is_prepared():
-        if not data.get('download', False):
-            raise FileNotFoundError(
-                f'tfds dataset {data.name!r} is not prepared in {builder.data_dir!r}; pass '
-                f'--config.data.data_dir=<dir with it> or --config.data.download=True, or use an '
-                f'image folder: --config.data.source=folder --config.data.path=<folder>')
-        builder.download_and_prepare()
-    return builder
-
-
 def _load_tfds(data: ml_collections.ConfigDict, split: str) -> Split:
     import tensorflow_datasets as tfds
+    from sr_purify.data import tfds_builder  # One tfds entry point for every dataset.
     builder = tfds_builder(data)
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     names = tuple(builder.info.features['label'].names)

@@ -231,13 +231,13 @@ def _tfds_hr_patches(data, hr_patch, seed, start_step, process_index, process_co
 def tfds_builder(data: ml_collections.ConfigDict):
     """A prepared tfds builder, or a clear error at once (no minutes of offline download retries)."""
     import tensorflow_datasets as tfds
-    builder = tfds.builder(data.name, data_dir=data.get('data_dir', None))
+    builder = tfds.builder(data.name, data_dir=data.get('data_dir', '') or None)
     if not builder.is_prepared():
         if not data.get('download', False):
             raise FileNotFoundError(
-                    f'tfds dataset {data.name!r} is not prepared in {builder.data_dir!r}; pass '
-                    f'--config.data.data_dir=<dir with it> or --config.data.download=True, or train on a '
-                    f'folder: --config.data.source=folder --config.data.path=<images>')
+                f'tfds dataset {data.name!r} is not prepared in {builder.data_dir!r}; pass '
+                f'--config.data.data_dir=<dir with it> or --config.data.download=True, or use an '
+                f'image folder: --config.data.source=folder --config.data.path=<folder>')
         builder.download_and_prepare()
     return builder
 
