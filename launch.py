@@ -55,9 +55,34 @@ def _wants_distributed() -> bool:
                                         'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE'))
 
 
+def missing_checkpoint(config, where: str = 'config') -> str:
+    """A message for the first `checkpoint` / `*_checkpoint` field that names a local path that
+    does not exist, or ''. Checked before TensorFlow and JAX load (seconds), so a mistyped path
+    fails at once; remote paths (gs://...) are left to orbax."""
+    items = (config.items() if hasattr(config, 'items') else
+             enumerate(config) if isinstance(config, (list, tuple)) else ())
+    for key, value in items:
+        name = f'{where}[{key}]' if isinstance(key, int) else f'{where}.{key}'
+        is_path_field = isinstance(key, str) and (key == 'checkpoint' or
+                                                  key.endswith('_checkpoint'))
+        if is_path_field and isinstance(value, str) and value and '://' not in value:
+            if not os.path.exists(value):
+                return (f'{name}={value!r} does not exist; pass the workdir of a finished job '
+                        f'(or its checkpoints/ folder): --{name}=<path>')
+        elif not isinstance(value, str):
+            found = missing_checkpoint(value, name)
+            if found:
+                return found
+    return ''
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config = _CONFIG.value
+    problem = missing_checkpoint(config)
+    if problem:
+        raise FileNotFoundError(problem)
     # TensorFlow only feeds data: keep it off the accelerators JAX uses.
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')
@@ -65,7 +90,6 @@ def main(argv):
 
     # Orbax logs every file it writes at INFO; keep the job's own log readable.
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    config = _CONFIG.value
     from sr_purify import perf, purifiers
     if purifiers.uses_host_callbacks(config):
         perf.reserve_callback_thread()  # Before JAX's backend starts: see its docstring.

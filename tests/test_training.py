@@ -195,3 +195,19 @@ def test_launch_rejects_an_unknown_config_key_in_one_line():
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown config key 'optim.lrr'") and 'valid: b1, b2' in last
+
+
+def test_launch_names_a_missing_checkpoint_path_before_loading_tensorflow():
+    # A checkpoint path inside a list entry (the robustness job's purifiers) is found too.
+    proc = subprocess.run(
+        [sys.executable, '-X', 'importtime', 'launch.py', '--config=configs/evaluate.py:robustness',
+         f'--config.classifier.checkpoint={REPO}', '--config.purifiers[3].checkpoint=no/such/dir'],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("error: config.purifiers[3].checkpoint='no/such/dir' does not exist; pass the "
+                    "workdir of a finished job (or its checkpoints/ folder): "
+                    "--config.purifiers[3].checkpoint=<path>")
+    imported = {line.split('|')[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith('import time:')}
+    assert 'tensorflow' not in imported  # The slow import (seconds): the check comes first.
