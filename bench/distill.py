@@ -1,9 +1,9 @@
 """Benchmark: is distillation worth it? The same student from scratch and with each loss set.
 
-Run by hand, never in CI (about 25 minutes on 2 CPU cores with the CPU defaults):
+Run by hand, never in CI (about 40 minutes on 2 CPU cores with the CPU defaults):
   python bench/distill.py --workdir=workdirs/bench_distill [--teacher=workdirs/student/teacher]
-      [--teacher_steps=2400] [--steps=900] [--runs=scratch,output,feature,affinity,attention]
-      [--scale=2]
+      [--teacher_steps=8000] [--steps=3000] [--runs=scratch,output,upcycled_x3,...]
+      [--scale=2] [--seed=0]
       [--datasets=../shared/data/sr_benchmarks/Set5,../shared/data/sr_benchmarks/Set14]
       [--out=bench/distill.md]
 
@@ -14,11 +14,11 @@ student config embeds, trained once into <workdir>/teacher. Each run resumes if 
 parameters, FLOPs, CPU latency), and a markdown table is printed and written to
 <workdir>/distill_bench.md (and to --out).
 
-Measured on 2 CPU cores (2026-11-25): with the 600-step CPU teacher the scratch student beats
-the teacher and distillation costs 0.4 dB; with a 2400-step teacher output distillation is within
-+0.02 dB of scratch; with an 8000-step teacher (`--teacher_steps=8000`, 0.43 dB above the scratch
-student) output distillation is within 0.01 dB of scratch and the feature losses at these weights
-lose 0.1-0.2 dB (README table).
+Measured on 2 CPU cores (2026-11-25), README table: at 900 student steps no loss beats scratch
+(output within 0.01 dB, the feature losses at these weights lose 0.1-0.2 dB). With the
+8,000-step teacher and `--steps=3000`, the upcycled loss (teacher-labelled zoom-ins and zoom-outs,
+weight 3) gains +0.15 dB over scratch; zoom-outs labelled by their own LR patch (no teacher)
++0.05.
 """
 
 import json
@@ -38,6 +38,7 @@ _TEACHER_STEPS = flags.DEFINE_integer('teacher_steps', 0, 'Steps of the teacher 
 _STEPS = flags.DEFINE_integer('steps', 0, 'Student steps per run (0: the student config\'s).')
 _RUNS = flags.DEFINE_list('runs', None, 'Runs to do, in order (default: DEFAULT_RUNS).')
 _SCALE = flags.DEFINE_integer('scale', 2, 'SR scale.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run (initial weights, batches).')
 _DATASETS = flags.DEFINE_list('datasets', ['../shared/data/sr_benchmarks/Set5',
                                            '../shared/data/sr_benchmarks/Set14'],
                               'Benchmark folders (<set>/HR/*.png).')
@@ -55,16 +56,32 @@ RUNS = {
     # Not run by default (--runs=...): more weight on the teacher's outputs.
     'output_only': dict(output=1.0),
     'output_x3': dict(pixel=1.0, output=3.0),
+    'upcycled': dict(pixel=1.0, output=1.0, upcycled=1.0),
+    'upcycled_x3': dict(pixel=1.0, output=1.0, upcycled=3.0),
+    # Controls for the upcycled runs: zoom-outs alone, labelled by the teacher or by the LR patch
+    # they came from (no teacher at all).
+    'zoom_out_x3': dict(pixel=1.0, output=1.0, upcycled=3.0),
+    'zoom_out_self_x3': dict(pixel=1.0, upcycled=3.0),
 }
-DEFAULT_RUNS = ('scratch', 'output', 'feature', 'affinity', 'attention')
+# Settings other than the loss weights.
+RUN_SETTINGS = {
+    'zoom_out_x3': dict(upcycle=('zoom_out',)),
+    'zoom_out_self_x3': dict(upcycle=('zoom_out',), upcycle_labels='ground_truth'),
+}
+DEFAULT_RUNS = ('scratch', 'output', 'feature', 'affinity', 'attention', 'upcycled_x3',
+                'zoom_out_self_x3')
 
 
 def run_config(name, teacher_dir, steps, scale):
     from configs import student
     config = student.get_config(f'scale={scale}')
     for loss in config.distill.losses:
-        config.distill.losses[loss] = float(RUNS[name].get(loss, 0.0))
+        config.distill.losses[loss] = 0.0
+    for loss, weight in RUNS[name].items():  # A name the config lacks fails its check.
+        config.distill.losses[loss] = float(weight)
+    config.distill.update(RUN_SETTINGS.get(name, {}))
     config.teacher.checkpoint = teacher_dir
+    config.seed = _SEED.value
     if steps:
         config.total_steps = steps
     return config

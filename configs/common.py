@@ -44,7 +44,7 @@ def sr_data(source: str = 'embedded', patch: int = 32) -> ml_collections.ConfigD
 
 
 def edsr(scale: int = 2, num_blocks: int = 16, features: int = 64, res_scale: float = 1.0,
-         bicubic_skip: bool = False) -> ml_collections.ConfigDict:
+         bicubic_skip: bool = False, upsampler: str = 'edsr') -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name='edsr', scale=scale, num_blocks=num_blocks,
                                           features=features, res_scale=res_scale,
-                                          bicubic_skip=bicubic_skip))
+                                          bicubic_skip=bicubic_skip, upsampler=upsampler))

@@ -9,6 +9,14 @@
 * `affinity` (FAKD, He et al. ICIP 2020): spatial affinity matrices, L1 between teacher and student.
 * `attention` (attention transfer, Zagoruyko & Komodakis ICLR 2017): L2 distance of normalised
   spatial attention maps.
+* `upcycled` (data upcycling, after DUKD, Zhang et al. 2023, arXiv:2309.14162): extra inputs that
+  have no HR image, so only the teacher can label them: `zoom_in`, an LR-sized crop of the HR
+  patch itself, and `zoom_out`, the LR patch downscaled once more by the scale
+  (`config.distill.upcycle`, a subset). Both networks see them; L1 between the student's and the
+  teacher's SR, averaged over the kinds. It uses the teacher's outputs alone, so a teacher behind
+  an API allows it. `config.distill.upcycle_labels='ground_truth'` is the control that tells the
+  teacher's part from the extra inputs': zoom-outs labelled by the LR patch they came from, no
+  teacher (zoom-ins have no ground truth, so only `zoom_out` is allowed there).
 
 The last three need the teacher's intermediate features (`FEATURE_LOSSES`); they compare the taps
 named by `config.distill.feature_pairs`, a list of (student tap, teacher tap), and each is averaged
@@ -27,10 +35,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-LOSSES = ('pixel', 'output', 'feature', 'affinity', 'attention')
+LOSSES = ('pixel', 'output', 'feature', 'affinity', 'attention', 'upcycled')
 FEATURE_LOSSES = ('feature', 'affinity', 'attention')
 TEACHER_ACCESS = ('features', 'outputs')
 FEATURE_DISTANCES = ('l1', 'l2')
+UPCYCLE = ('zoom_in', 'zoom_out')
+UPCYCLE_LABELS = ('teacher', 'ground_truth')
 
 Features = Dict[str, jax.Array]
 Pair = Tuple[str, str]
@@ -84,6 +94,19 @@ def check_config(distill: ml_collections.ConfigDict,
         raise ValueError(f'distill.teacher_access=outputs allows only the teacher\'s SR outputs, '
                          f'but losses {wanted} need its features; set their weights to 0 or use '
                          f'teacher_access=features')
+    if 'upcycled' in active:
+        kinds = tuple(distill.get('upcycle', UPCYCLE))
+        bad = [k for k in kinds if k not in UPCYCLE]
+        if bad or not kinds:
+            raise ValueError(f'distill.upcycle must be a non-empty subset of '
+                             f'{", ".join(UPCYCLE)}; got {list(kinds)}')
+        labels = distill.get('upcycle_labels', 'teacher')
+        if labels not in UPCYCLE_LABELS:
+            raise ValueError(f'unknown distill.upcycle_labels {labels!r}; valid: '
+                             f'{", ".join(UPCYCLE_LABELS)}')
+        if labels == 'ground_truth' and 'zoom_in' in kinds:
+            raise ValueError("distill.upcycle_labels='ground_truth' has no label for zoom_in "
+                             "inputs (they have no HR); set distill.upcycle=('zoom_out',)")
     if distill.get('feature_distance', 'l1') not in FEATURE_DISTANCES:
         raise ValueError(f'unknown distill.feature_distance {distill.feature_distance!r}; valid: '
                          f'{", ".join(FEATURE_DISTANCES)}')
@@ -118,6 +141,33 @@ def pixel_loss(sr: jax.Array, hr: jax.Array) -> jax.Array:
 
 def output_loss(sr: jax.Array, teacher_sr: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(sr - jax.lax.stop_gradient(teacher_sr)))
+
+
+def zoom_in_inputs(hr: jax.Array, patch: int, rng: jax.Array) -> jax.Array:
+    """Upcycled inputs: a random `patch` x `patch` crop of each HR image (N, H, W, C), used as LR."""
+    n, h, w, _ = hr.shape
+    if h < patch or w < patch:
+        raise ValueError(f'HR crops of {h}x{w} are smaller than the zoom-in patch {patch}')
+    corners = jax.random.randint(rng, (n, 2), 0, jnp.array([h - patch + 1, w - patch + 1]))
+    crop = lambda img, yx: jax.lax.dynamic_slice(img, (yx[0], yx[1], 0),
+                                                 (patch, patch, img.shape[-1]))
+    return jax.vmap(crop)(hr, corners)
+
+
+def zoom_out_inputs(lr: jax.Array, scale: int) -> jax.Array:
+    """Upcycled inputs: the LR batch downscaled by `scale` (antialiased bicubic, 8-bit values)."""
+    from sr_purify import image_ops
+    n, h, w, _ = lr.shape
+    small = image_ops.resize_bicubic(lr, (max(h // scale, 1), max(w // scale, 1)))
+    return jnp.round(jnp.clip(small, 0.0, 1.0) * 255.0) / 255.0
+
+
+def upcycled_inputs(kinds: Sequence[str], lr: jax.Array, hr: jax.Array, scale: int,
+                    rng: jax.Array) -> Dict[str, jax.Array]:
+    """`{kind: inputs}` for the kinds of `config.distill.upcycle`."""
+    make = {'zoom_in': lambda: zoom_in_inputs(hr, lr.shape[1], rng),
+            'zoom_out': lambda: zoom_out_inputs(lr, scale)}
+    return {k: make[k]() for k in kinds}
 
 
 def adapter_name(pair: Pair) -> str:
@@ -183,10 +233,12 @@ def attention_loss(student_f: jax.Array, teacher_f: jax.Array, p: float = 2.0) -
 # The weighted sum the trainer minimises.
 
 def make_loss(distill: ml_collections.ConfigDict):
-    """`loss(sr, feats, teacher_sr, teacher_feats, hr, adapters) -> (total, {name: value})`.
+    """`loss(sr, feats, teacher_sr, teacher_feats, hr, adapters, upcycled=None) -> (total, terms)`.
 
     `feats` / `teacher_feats` are the networks' tap dicts (unused unless a feature loss is on);
-    `adapters` is the dict `init_adapters` makes. Values are unweighted; the total is weighted.
+    `adapters` is the dict `init_adapters` makes; `upcycled` is a list of (student SR, label)
+    pairs, one per kind of upcycled input (needed when that loss is on). `terms` ({name: value})
+    are unweighted; the total is weighted.
     """
     active = check_config(distill)
     pairs = feature_pairs(distill)
@@ -196,7 +248,7 @@ def make_loss(distill: ml_collections.ConfigDict):
     def over_pairs(fn, feats, teacher_feats):
         return sum(fn(pair, feats[pair[0]], teacher_feats[pair[1]]) for pair in pairs) / len(pairs)
 
-    def loss(sr, feats, teacher_sr, teacher_feats, hr, adapters):
+    def loss(sr, feats, teacher_sr, teacher_feats, hr, adapters, upcycled=None):
         terms = {}
         for name in active:
             if name == 'pixel':
@@ -213,6 +265,11 @@ def make_loss(distill: ml_collections.ConfigDict):
             elif name == 'attention':
                 terms[name] = over_pairs(lambda _, fs, ft: attention_loss(fs, ft, p), feats,
                                          teacher_feats)
+            elif name == 'upcycled':
+                if upcycled is None:
+                    raise ValueError('the upcycled loss needs (student SR, label) of the '
+                                     'upcycled inputs')
+                terms[name] = sum(output_loss(s, t) for s, t in upcycled) / len(upcycled)
         total = sum(active[name] * value for name, value in terms.items())
         return total, terms
 

@@ -121,6 +121,53 @@ def test_weighted_total_and_unknown_loss_name():
         distillation.check_config(_distill())
 
 
+def test_upcycled_inputs_are_hr_crops_and_8_bit_downscales():
+    rng = np.random.default_rng(2)
+    hr = jnp.asarray(rng.integers(0, 256, (4, 12, 12, 3)) / 255.0, jnp.float32)
+    zoom_in = np.asarray(distillation.zoom_in_inputs(hr, 6, jax.random.key(3)))
+    assert zoom_in.shape == (4, 6, 6, 3)
+    for image, crop in zip(np.asarray(hr), zoom_in):  # Each one is a crop of its own HR patch.
+        assert any(np.array_equal(image[y:y + 6, x:x + 6], crop)
+                   for y in range(7) for x in range(7))
+    lr = jnp.full((2, 8, 8, 3), 100 / 255.0)
+    zoom_out = np.asarray(distillation.zoom_out_inputs(lr, 2))
+    assert zoom_out.shape == (2, 4, 4, 3)
+    np.testing.assert_allclose(zoom_out, 100 / 255.0, atol=1e-7)  # A flat image stays flat.
+    zoom_out = np.asarray(distillation.zoom_out_inputs(hr, 3))
+    assert zoom_out.shape == (4, 4, 4, 3)
+    np.testing.assert_allclose(zoom_out * 255, np.round(zoom_out * 255), atol=1e-4)
+    both = distillation.upcycled_inputs(distillation.UPCYCLE, hr[:, :6, :6], hr, 2,
+                                        jax.random.key(0))
+    assert {k: v.shape for k, v in both.items()} == {'zoom_in': (4, 6, 6, 3),
+                                                     'zoom_out': (4, 3, 3, 3)}
+
+
+def test_upcycled_loss_averages_the_kinds_and_needs_only_outputs():
+    c = _distill(upcycled=2.0)
+    c.teacher_access = 'outputs'  # Teacher outputs are all it needs.
+    assert distillation.check_config(c) == {'upcycled': 2.0}
+    a, b = _f([[[[1.], [3.]]]]), _f([[[[0.], [0.]]]])
+    total, terms = distillation.make_loss(c)(a, {}, a, {}, a, {}, [(a, b), (b, b)])
+    assert float(terms['upcycled']) == pytest.approx((2.0 + 0.0) / 2)   # (|1|+|3|)/2, then 0
+    assert float(total) == pytest.approx(2.0)
+    _, terms = distillation.make_loss(c)(a, {}, a, {}, a, {}, [(a, a)])
+    assert float(terms['upcycled']) == 0.0
+    with pytest.raises(ValueError, match='upcycled loss needs'):
+        distillation.make_loss(c)(a, {}, a, {}, a, {})
+    c.upcycle = ('zoom_in', 'zoom')
+    with pytest.raises(ValueError, match=r"subset of zoom_in, zoom_out; got \['zoom_in', 'zoom'\]"):
+        distillation.check_config(c)
+    c.upcycle = ('zoom_in', 'zoom_out')
+    c.upcycle_labels = 'hr'
+    with pytest.raises(ValueError, match=r"upcycle_labels 'hr'; valid: teacher, ground_truth"):
+        distillation.check_config(c)
+    c.upcycle_labels = 'ground_truth'  # The no-teacher control: zoom-ins have no label.
+    with pytest.raises(ValueError, match=r"no label for zoom_in .*upcycle=\('zoom_out',\)"):
+        distillation.check_config(c)
+    c.upcycle = ('zoom_out',)
+    assert distillation.check_config(c) == {'upcycled': 2.0}
+
+
 def test_outputs_mode_refuses_feature_losses_in_one_line(tmp_path):
     for name in distillation.FEATURE_LOSSES:
         c = _distill(pixel=1.0, output=1.0, **{name: 1.0})

@@ -147,6 +147,24 @@ def test_slim_edsr_param_count():
   #   body conv 32*32*9+32 = 9,248; upsampler 32*128*9+128 = 36,992; tail 32*3*9+3 = 867.
   #   896 + 73,984 + 9,248 + 36,992 + 867 = 121,987.
   assert _param_count(_build('edsr', scale=2, num_blocks=4, features=32)) == 121_987
+  # With ESPCN's output layer instead of upsampler + tail,
+  #   to_rgb 32*12*9+12 = 3,468: 896 + 73,984 + 9,248 + 3,468 = 87,596.
+  assert _param_count(_build('edsr', scale=2, num_blocks=4, features=32,
+                             upsampler='espcn')) == 87_596
+
+
+@pytest.mark.parametrize('upsampler', ['edsr', 'espcn'])
+def test_edsr_with_bicubic_skip_starts_as_exact_bicubic(upsampler):
+  model = _build('edsr', scale=2, num_blocks=1, features=8, bicubic_skip=True,
+                 upsampler=upsampler)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 6, 7, 3)), jnp.float32)
+  params = model.init(_key(), x)
+  np.testing.assert_array_equal(model.apply(params, x), edsr.upsample_bicubic(x, 2))
+
+
+def test_edsr_unknown_upsampler_lists_valid():
+  with pytest.raises(ValueError, match="unknown upsampler 'nearest'; valid: edsr, espcn"):
+    _param_count(_build('edsr', upsampler='nearest'))
 
 
 def test_imdn_param_count():

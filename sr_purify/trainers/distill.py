@@ -111,6 +111,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
     loss = distillation.make_loss(config.distill)
     with_features = distillation.uses_teacher_features(config.distill)
     pairs = distillation.feature_pairs(config.distill) if 'feature' in active else ()
+    ground_truth_labels = ('upcycled' in active and
+                           config.distill.get('upcycle_labels', 'teacher') == 'ground_truth')
+    if ground_truth_labels and config.data.patch % scale:
+        raise ValueError(f'upcycle_labels=ground_truth needs config.data.patch divisible by the '
+                         f'scale {scale} (zoom-outs of the LR patch, labelled by it); got '
+                         f'{config.data.patch}')
     reporting.write_config(workdir, config)
 
     teacher_dir, teacher_run = teacher_checkpoint(config, workdir)
@@ -138,7 +144,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
         return params, {}
 
     def loss_fn(params, model_state, batch, rng, teacher_params):
-        del rng
         teacher_params = jax.lax.stop_gradient(teacher_params)
         if with_features:
             teacher_sr, teacher_feats = teacher.apply({'params': teacher_params}, batch['lr'],
@@ -147,8 +152,16 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
             teacher_sr, teacher_feats = teacher.apply({'params': teacher_params}, batch['lr']), {}
         sr, feats = student.apply({'params': params['student']}, batch['lr'],
                                   return_features=True)
+        upcycled = None
+        if 'upcycled' in active:  # Inputs without HR: the teacher labels them.
+            inputs = distillation.upcycled_inputs(config.distill.upcycle, batch['lr'],
+                                                  batch['hr'], scale, rng)
+            label = ((lambda x: batch['lr']) if ground_truth_labels else  # the control
+                     (lambda x: teacher.apply({'params': teacher_params}, x)))
+            upcycled = [(student.apply({'params': params['student']}, x), label(x))
+                        for x in inputs.values()]
         total, terms = loss(sr, feats, teacher_sr, teacher_feats, batch['hr'],
-                            params.get('adapters', {}))
+                            params.get('adapters', {}), upcycled)
         return total, (model_state, {f'loss/{k}': v for k, v in terms.items()})
 
     result = training.fit(
