@@ -395,3 +395,23 @@ print('restored', step)
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'restored 2' in proc.stdout
+
+
+def test_upcycled_control_trains_on_ground_truth_labels_and_checks_the_patch(job, tmp_path):
+    config, workdir, _, _ = job
+    c = _tiny_job()
+    c.eval.datasets = config.eval.datasets
+    c.teacher.checkpoint = str(workdir / 'teacher')
+    for name in distillation.LOSSES:
+        c.distill.losses[name] = 0.0
+    c.distill.losses.pixel = c.distill.losses.upcycled = 1.0
+    c.distill.upcycle, c.distill.upcycle_labels = ('zoom_out',), 'ground_truth'
+    c.total_steps = 1
+    writer = RecordingWriter()
+    run = distill.distill(c, str(tmp_path / 'control'), writer=writer)
+    assert run.result.step == 1
+    # The untrained student is bicubic, which does not invert a bicubic downscale exactly.
+    assert 0.0 < writer.scalars[1]['loss/upcycled'] < 1.0
+    c.data.patch = 9  # 9 x 9 LR patches do not shrink to a whole number of x2 pixels.
+    with pytest.raises(ValueError, match='divisible by the scale 2'):
+        distill.distill(c, str(tmp_path / 'odd'), writer=RecordingWriter())
