@@ -142,7 +142,12 @@ def main(argv):
     summary = sr_eval.compare(models, _DATASETS.value, _SCALE.value, workdir,
                               title=f'distillation benchmark, {steps} student steps',
                               table_name='compare_table.md')
-    table = bench_table(summary, names, _SCALE.value, record, steps, first)
+    # Latency also at the size of the FLOPs column (a 1280x720 output): at 128^2 the small
+    # student is bound by per-op overhead, so the two sizes give different speedups.
+    lr_720p = (720 // _SCALE.value, 1280 // _SCALE.value)
+    ms_720p = {name: sr_eval.latency_ms(jax.jit(lambda x, f=f, p=p: f(p, x)), lr_720p)
+               for name, f, p in models}
+    table = bench_table(summary, names, _SCALE.value, record, ms_720p)
     elapsed = time.time() - t_start
     text = (f'# Distillation benchmark (x{_SCALE.value}, {steps} student steps per run, '
             f'teacher {os.path.abspath(teacher_dir)} step {first.teacher_step}; '
@@ -154,7 +159,7 @@ def main(argv):
             f.write(text)
 
 
-def bench_table(summary, names, scale, record, steps, first):
+def bench_table(summary, names, scale, record, ms_720p):
     """Rows bicubic, teacher, each student; PSNR/SSIM per set, gain over scratch, cost, speed."""
     from sr_purify import reporting
     sets = list(summary['sr'])
@@ -163,12 +168,12 @@ def bench_table(summary, names, scale, record, steps, first):
     for s in sets:
         header += [f'{s} PSNR', f'{s} SSIM']
     header += ['dB vs scratch (mean)', 'params', 'GFLOPs (720p)', 'ms / 128px LR',
-               'speedup vs teacher', 'train steps/s']
+               'speedup vs teacher', 'ms / 720p out', 'speedup (720p)', 'train steps/s']
     psnr = lambda name: [summary['sr'][s][f'x{scale}'][name]['psnr'] for s in sets]
     base = psnr('scratch') if 'scratch' in names else None
     rows = [['bicubic', '-'] + sum(([summary['sr'][s][f'x{scale}']['bicubic']['psnr'],
                                      summary['sr'][s][f'x{scale}']['bicubic']['ssim']]
-                                    for s in sets), []) + ['', 0, 0.0, '-', '-', '-']]
+                                    for s in sets), []) + ['', 0, 0.0, '-', '-', '-', '-', '-']]
     teacher_ms = cost['teacher']['ms_per_128px_lr']
     for name in ['teacher'] + names:
         losses = ('(teacher, pixel)' if name == 'teacher' else
@@ -182,9 +187,9 @@ def bench_table(summary, names, scale, record, steps, first):
         sps = record.get(name, {}).get('steps_per_sec', float('nan'))
         row += [gain, cost[name]['params'], cost[name]['gflops_720p'],
                 cost[name]['ms_per_128px_lr'], f'{teacher_ms / cost[name]["ms_per_128px_lr"]:.1f}x',
+                f'{ms_720p[name]:.1f}', f'{ms_720p["teacher"] / ms_720p[name]:.1f}x',
                 '-' if name == 'teacher' else f'{sps:.2f}']
         rows.append(row)
-    del steps, first
     return reporting.markdown_table(header, rows)
 
 
