@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sr_purify import image_ops
+
 LOSSES = ('pixel', 'output', 'feature', 'affinity', 'attention', 'upcycled')
 FEATURE_LOSSES = ('feature', 'affinity', 'attention')
 TEACHER_ACCESS = ('features', 'outputs')
@@ -156,8 +158,7 @@ def zoom_in_inputs(hr: jax.Array, patch: int, rng: jax.Array) -> jax.Array:
 
 def zoom_out_inputs(lr: jax.Array, scale: int) -> jax.Array:
     """Upcycled inputs: the LR batch downscaled by `scale` (antialiased bicubic, 8-bit values)."""
-    from sr_purify import image_ops
-    n, h, w, _ = lr.shape
+    _, h, w, _ = lr.shape
     small = image_ops.resize_bicubic(lr, (max(h // scale, 1), max(w // scale, 1)))
     return jnp.round(jnp.clip(small, 0.0, 1.0) * 255.0) / 255.0
 

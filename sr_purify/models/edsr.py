@@ -28,6 +28,32 @@ def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
     return x.reshape(n, h * scale, w * scale, oc)
 
 
+VALID_SCALES = (2, 3, 4)
+
+
+def check_scale(scale: int) -> None:
+    """Raises ValueError listing the valid scales unless `scale` is one of them."""
+    if scale not in VALID_SCALES:
+        raise ValueError(f'scale {scale} not supported; valid: '
+                         f'{", ".join(map(str, VALID_SCALES))}')
+
+
+class SubPixelOutput(nn.Module):
+    """One 3x3 conv to `channels * scale**2` then pixel shuffle (ESPCN / IMDN output stage).
+
+    `zero_init`: a zero kernel, so that with a bicubic skip the untrained network is bicubic."""
+    scale: int
+    channels: int = 3
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+        x = nn.Conv(self.channels * self.scale * self.scale, (3, 3), kernel_init=init,
+                    name='conv')(x)
+        return pixel_shuffle(x, self.scale)
+
+
 class Upsampler(nn.Module):
     """Conv + pixel shuffle; x4 as two x2 stages (as EDSR), x2 and x3 in one."""
     features: int
@@ -35,12 +61,8 @@ class Upsampler(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if self.scale in (2, 3):
-            stages = [self.scale]
-        elif self.scale == 4:
-            stages = [2, 2]
-        else:
-            raise ValueError(f'scale {self.scale} not supported; valid: 2, 3, 4')
+        check_scale(self.scale)
+        stages = [2, 2] if self.scale == 4 else [self.scale]
         for i, s in enumerate(stages):
             x = nn.Conv(self.features * s * s, (3, 3), name=f'conv_{i}')(x)
             x = pixel_shuffle(x, s)
@@ -101,20 +123,13 @@ class EDSR(nn.Module):
         if self.upsampler not in UPSAMPLERS:
             raise ValueError(f'unknown upsampler {self.upsampler!r}; valid: '
                              f'{", ".join(UPSAMPLERS)}')
+        # Zero last conv with the bicubic skip: the untrained network is exactly bicubic, and
+        # training only adds detail.
         if self.upsampler == 'espcn':
-            if self.scale not in (2, 3, 4):
-                raise ValueError(f'scale {self.scale} not supported; valid: 2, 3, 4')
-            # Zero init with the bicubic skip: the untrained network is exactly bicubic.
-            init = nn.initializers.zeros if self.bicubic_skip else nn.initializers.lecun_normal()
-            y = nn.Conv(3 * self.scale ** 2, (3, 3), kernel_init=init, name='to_rgb')(y)
-            y = pixel_shuffle(y, self.scale)
-            y = y + (upsample_bicubic(x, self.scale) if self.bicubic_skip else mean)
-            return (y, feats) if return_features else y
-        y = Upsampler(self.features, self.scale, name='upsampler')(y)
-        if self.bicubic_skip:
-            # Zero tail: the untrained network is exactly bicubic, and training only adds detail.
-            tail = nn.Conv(3, (3, 3), kernel_init=nn.initializers.zeros, name='tail')
-            y = tail(y) + upsample_bicubic(x, self.scale)
+            y = SubPixelOutput(self.scale, zero_init=self.bicubic_skip, name='to_rgb')(y)
         else:
-            y = nn.Conv(3, (3, 3), name='tail')(y) + mean
+            y = Upsampler(self.features, self.scale, name='upsampler')(y)
+            init = nn.initializers.zeros if self.bicubic_skip else nn.initializers.lecun_normal()
+            y = nn.Conv(3, (3, 3), kernel_init=init, name='tail')(y)
+        y = y + (upsample_bicubic(x, self.scale) if self.bicubic_skip else mean)
         return (y, feats) if return_features else y

@@ -22,26 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sr_purify.models.edsr import DIV2K_MEAN, Features, pixel_shuffle
-
-VALID_SCALES = (2, 3, 4)
-
-
-def check_scale(scale: int) -> None:
-  """Raises ValueError listing the valid scales unless `scale` is one of them."""
-  if scale not in VALID_SCALES:
-    raise ValueError(f'scale {scale} not supported; valid: {", ".join(map(str, VALID_SCALES))}')
-
-
-class SubPixelOutput(nn.Module):
-  """One 3x3 conv to `channels * scale**2` then pixel shuffle (ESPCN / IMDN output stage)."""
-  scale: int
-  channels: int = 3
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.channels * self.scale * self.scale, (3, 3), name='conv')(x)
-    return pixel_shuffle(x, self.scale)
+from sr_purify.models.edsr import DIV2K_MEAN, Features, SubPixelOutput, check_scale
 
 
 class CCA(nn.Module):
