@@ -17,16 +17,24 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's C++ INFO line
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Job config file (configs/*.py[:variant]).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Where checkpoints, logs and results go. Default: workdirs/<config>.')
-_MULTIHOST = flags.DEFINE_bool('multihost', None,
-                               'Call jax.distributed.initialize() (default: when the environment '
-                               'names a coordinator, e.g. on a TPU VM slice or under SLURM).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for a multi-process run started by '
-                                   'hand (e.g. several GPU hosts, or CPU processes on one host).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Job config file (configs/*.py[:variant]).', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Where checkpoints, logs and results go. Default: workdirs/<config>.'
+)
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost',
+    None,
+    'Call jax.distributed.initialize() (default: when the environment '
+    'names a coordinator, e.g. on a TPU VM slice or under SLURM).',
+)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0, for a multi-process run started by '
+    'hand (e.g. several GPU hosts, or CPU processes on one host).',
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a run started by hand.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a run started by hand.')
 flags.mark_flags_as_required(['config'])
@@ -42,8 +50,7 @@ class _QuietLibraries(py_logging.Filter):
 
     def filter(self, record):
         noisy = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/')
-        return record.levelno >= py_logging.WARNING or not any(
-            n in record.pathname for n in noisy)
+        return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def _wants_distributed() -> bool:
@@ -51,24 +58,39 @@ def _wants_distributed() -> bool:
         return True
     if _MULTIHOST.value is not None:
         return _MULTIHOST.value
-    return any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
-                                        'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE'))
+    return any(
+        k in os.environ
+        for k in (
+            'JAX_COORDINATOR_ADDRESS',
+            'TPU_WORKER_HOSTNAMES',
+            'SLURM_JOB_ID',
+            'OMPI_COMM_WORLD_SIZE',
+        )
+    )
 
 
 def missing_checkpoint(config, where: str = 'config') -> str:
     """A message for the first `checkpoint` / `*_checkpoint` field that names a local path that
     does not exist, or ''. Checked before TensorFlow and JAX load (seconds), so a mistyped path
     fails at once; remote paths (gs://...) are left to orbax."""
-    items = (config.items() if hasattr(config, 'items') else
-             enumerate(config) if isinstance(config, (list, tuple)) else ())
+    items = (
+        config.items()
+        if hasattr(config, 'items')
+        else enumerate(config)
+        if isinstance(config, (list, tuple))
+        else ()
+    )
     for key, value in items:
         name = f'{where}[{key}]' if isinstance(key, int) else f'{where}.{key}'
-        is_path_field = isinstance(key, str) and (key == 'checkpoint' or
-                                                  key.endswith('_checkpoint'))
+        is_path_field = isinstance(key, str) and (
+            key == 'checkpoint' or key.endswith('_checkpoint')
+        )
         if is_path_field and isinstance(value, str) and value and '://' not in value:
             if not os.path.exists(value):
-                return (f'{name}={value!r} does not exist; pass the workdir of a finished job '
-                        f'(or its checkpoints/ folder): --{name}=<path>')
+                return (
+                    f'{name}={value!r} does not exist; pass the workdir of a finished job '
+                    f'(or its checkpoints/ folder): --{name}=<path>'
+                )
         elif not isinstance(value, str):
             found = missing_checkpoint(value, name)
             if found:
@@ -85,32 +107,45 @@ def main(argv):
         raise FileNotFoundError(problem)
     # TensorFlow only feeds data: keep it off the accelerators JAX uses.
     import tensorflow as tf
+
     tf.config.set_visible_devices([], 'GPU')
     tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
 
     # Orbax logs every file it writes at INFO; keep the job's own log readable.
     logging.get_absl_handler().addFilter(_QuietLibraries())
     from sr_purify import perf, purifiers
+
     if purifiers.uses_host_callbacks(config):
         perf.reserve_callback_thread()  # Before JAX's backend starts: see its docstring.
     import jax
+
     if _wants_distributed():
         # On TPU VMs and SLURM jax finds the coordinator itself; by hand, the flags name it.
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
     from sr_purify import trainers
 
     train_and_evaluate = trainers.get(config.trainer)
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
-    logging.info('process %d of %d; %d local / %d global devices (%s)', jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 jax.devices()[0].platform)
+    logging.info(
+        'process %d of %d; %d local / %d global devices (%s)',
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
     logging.info('job %s, workdir %s', config.trainer, workdir)
     result = train_and_evaluate(config, workdir)
     if getattr(result, 'preempted', False):
-        print(f'stopped by signal at step {result.step}; checkpoint saved in {workdir}. '
-              f'Run the same command to resume.', flush=True)
+        print(
+            f'stopped by signal at step {result.step}; checkpoint saved in {workdir}. '
+            f'Run the same command to resume.',
+            flush=True,
+        )
     else:
         print(f'done: results in {os.path.join(workdir, "results.json")}', flush=True)
 
@@ -118,6 +153,7 @@ def main(argv):
 def unknown_override(argv) -> str:
     """For `--config.a.b=v` overrides, a message naming the first key the config lacks, or ''."""
     import importlib.util
+
     spec_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     if spec_arg is None:
         return ''
@@ -129,14 +165,15 @@ def unknown_override(argv) -> str:
     for a in argv:
         if not a.startswith('--config.'):
             continue
-        keys = a[len('--config.'):].split('=', 1)[0].split('.')
+        keys = a[len('--config.') :].split('=', 1)[0].split('.')
         node, seen = config, []
         for k in keys:
             if not hasattr(node, 'keys') or k not in node:
                 where = '.'.join(seen) or 'the config'
                 valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(a leaf)'
-                return (f'unknown config key {".".join(keys)!r}: {where} has no {k!r}; '
-                        f'valid: {valid}')
+                return (
+                    f'unknown config key {".".join(keys)!r}: {where} has no {k!r}; valid: {valid}'
+                )
             node, seen = node[k], seen + [k]
     return ''
 
@@ -145,14 +182,16 @@ def run():
     # CPU-only and no XLA_FLAGS of the user's: the measured allocator and host-device settings
     # (sr_purify/perf.py; about 1.6x faster SR training on 2 cores). May restart the process once.
     from sr_purify import perf
+
     perf.apply_cpu_defaults()
     # One-line errors for the mistakes a user makes at the command line.
     try:
         app.run(main)
     except (ValueError, FileNotFoundError, PermissionError, KeyError, AttributeError) as e:
         py_logging.getLogger().handlers.clear()
-        message = (unknown_override(sys.argv) if isinstance(e, (AttributeError, KeyError))
-                   else '') or str(e).strip('"\'')
+        message = (
+            unknown_override(sys.argv) if isinstance(e, (AttributeError, KeyError)) else ''
+        ) or str(e).strip('"\'')
         print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
 

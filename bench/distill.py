@@ -31,17 +31,23 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/bench_distill', 'Where the runs go.')
-_TEACHER = flags.DEFINE_string('teacher', '', 'Teacher workdir; empty: train one into '
-                               '<workdir>/teacher with the student config\'s teacher.')
-_TEACHER_STEPS = flags.DEFINE_integer('teacher_steps', 0, 'Steps of the teacher trained here '
-                                      '(0: the teacher config\'s).')
-_STEPS = flags.DEFINE_integer('steps', 0, 'Student steps per run (0: the student config\'s).')
+_TEACHER = flags.DEFINE_string(
+    'teacher',
+    '',
+    "Teacher workdir; empty: train one into <workdir>/teacher with the student config's teacher.",
+)
+_TEACHER_STEPS = flags.DEFINE_integer(
+    'teacher_steps', 0, "Steps of the teacher trained here (0: the teacher config's)."
+)
+_STEPS = flags.DEFINE_integer('steps', 0, "Student steps per run (0: the student config's).")
 _RUNS = flags.DEFINE_list('runs', None, 'Runs to do, in order (default: DEFAULT_RUNS).')
 _SCALE = flags.DEFINE_integer('scale', 2, 'SR scale.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run (initial weights, batches).')
-_DATASETS = flags.DEFINE_list('datasets', ['../shared/data/sr_benchmarks/Set5',
-                                           '../shared/data/sr_benchmarks/Set14'],
-                              'Benchmark folders (<set>/HR/*.png).')
+_DATASETS = flags.DEFINE_list(
+    'datasets',
+    ['../shared/data/sr_benchmarks/Set5', '../shared/data/sr_benchmarks/Set14'],
+    'Benchmark folders (<set>/HR/*.png).',
+)
 _OUT = flags.DEFINE_string('out', '', 'Also write the markdown table here.')
 
 # Run name -> loss weights. 'scratch' is the same student with the pixel loss alone.
@@ -68,12 +74,20 @@ RUN_SETTINGS = {
     'zoom_out_x3': dict(upcycle=('zoom_out',)),
     'zoom_out_self_x3': dict(upcycle=('zoom_out',), upcycle_labels='ground_truth'),
 }
-DEFAULT_RUNS = ('scratch', 'output', 'feature', 'affinity', 'attention', 'upcycled_x3',
-                'zoom_out_self_x3')
+DEFAULT_RUNS = (
+    'scratch',
+    'output',
+    'feature',
+    'affinity',
+    'attention',
+    'upcycled_x3',
+    'zoom_out_self_x3',
+)
 
 
 def run_config(name, teacher_dir, steps, scale):
     from configs import student
+
     config = student.get_config(f'scale={scale}')
     for loss in config.distill.losses:
         config.distill.losses[loss] = 0.0
@@ -90,8 +104,10 @@ def run_config(name, teacher_dir, steps, scale):
 def main(argv):
     del argv
     import tensorflow as tf
+
     tf.config.set_visible_devices([], 'GPU')
     import jax
+
     from sr_purify import data, reporting
     from sr_purify.evaluators import sr as sr_eval
     from sr_purify.trainers import distill
@@ -129,29 +145,42 @@ def main(argv):
             return
         runs[name] = run
         if run.result.steps_per_sec == run.result.steps_per_sec:  # Not a resumed, finished run.
-            record[name] = {'steps': run.result.step, 'steps_per_sec': run.result.steps_per_sec,
-                            'wall_s': run.result.wall_s}
+            record[name] = {
+                'steps': run.result.step,
+                'steps_per_sec': run.result.steps_per_sec,
+                'wall_s': run.result.wall_s,
+            }
         reporting.write_json(workdir, 'bench.json', record)
 
     first = runs[names[0]]
-    models = [('teacher', lambda p, x: first.teacher.apply({'params': p}, x),
-               first.teacher_params)]
-    models += [(name, lambda p, x, m=run.student: m.apply({'params': p}, x), run.student_params)
-               for name, run in runs.items()]
+    models = [('teacher', lambda p, x: first.teacher.apply({'params': p}, x), first.teacher_params)]
+    models += [
+        (name, lambda p, x, m=run.student: m.apply({'params': p}, x), run.student_params)
+        for name, run in runs.items()
+    ]
     steps = first.result.step
-    summary = sr_eval.compare(models, _DATASETS.value, _SCALE.value, workdir,
-                              title=f'distillation benchmark, {steps} student steps',
-                              table_name='compare_table.md')
+    summary = sr_eval.compare(
+        models,
+        _DATASETS.value,
+        _SCALE.value,
+        workdir,
+        title=f'distillation benchmark, {steps} student steps',
+        table_name='compare_table.md',
+    )
     # Latency also at the size of the FLOPs column (a 1280x720 output): at 128^2 the small
     # student is bound by per-op overhead, so the two sizes give different speedups.
     lr_720p = (720 // _SCALE.value, 1280 // _SCALE.value)
-    ms_720p = {name: sr_eval.latency_ms(jax.jit(lambda x, f=f, p=p: f(p, x)), lr_720p)
-               for name, f, p in models}
+    ms_720p = {
+        name: sr_eval.latency_ms(jax.jit(lambda x, f=f, p=p: f(p, x)), lr_720p)
+        for name, f, p in models
+    }
     table = bench_table(summary, names, _SCALE.value, record, ms_720p)
     elapsed = time.time() - t_start
-    text = (f'# Distillation benchmark (x{_SCALE.value}, {steps} student steps per run, '
-            f'teacher {os.path.abspath(teacher_dir)} step {first.teacher_step}; '
-            f'{jax.devices()[0].platform}, {elapsed / 60:.1f} min)\n\n{table}\n')
+    text = (
+        f'# Distillation benchmark (x{_SCALE.value}, {steps} student steps per run, '
+        f'teacher {os.path.abspath(teacher_dir)} step {first.teacher_step}; '
+        f'{jax.devices()[0].platform}, {elapsed / 60:.1f} min)\n\n{table}\n'
+    )
     print('\n' + text, flush=True)
     reporting.write_text(workdir, 'distill_bench.md', text)
     if _OUT.value:
@@ -162,38 +191,71 @@ def main(argv):
 def bench_table(summary, names, scale, record, ms_720p):
     """Rows bicubic, teacher, each student; PSNR/SSIM per set, gain over scratch, cost, speed."""
     from sr_purify import reporting
+
     sets = list(summary['sr'])
     cost = summary['models']
     header = ['model', 'losses']
     for s in sets:
         header += [f'{s} PSNR', f'{s} SSIM']
-    header += ['dB vs scratch (mean)', 'params', 'GFLOPs (720p)', 'ms / 128px LR',
-               'speedup vs teacher', 'ms / 720p out', 'speedup (720p)', 'train steps/s']
+    header += [
+        'dB vs scratch (mean)',
+        'params',
+        'GFLOPs (720p)',
+        'ms / 128px LR',
+        'speedup vs teacher',
+        'ms / 720p out',
+        'speedup (720p)',
+        'train steps/s',
+    ]
     psnr = lambda name: [summary['sr'][s][f'x{scale}'][name]['psnr'] for s in sets]
     base = psnr('scratch') if 'scratch' in names else None
-    rows = [['bicubic', '-'] + sum(([summary['sr'][s][f'x{scale}']['bicubic']['psnr'],
-                                     summary['sr'][s][f'x{scale}']['bicubic']['ssim']]
-                                    for s in sets), []) + ['', 0, 0.0, '-', '-', '-', '-', '-']]
+    rows = [
+        ['bicubic', '-']
+        + sum(
+            (
+                [
+                    summary['sr'][s][f'x{scale}']['bicubic']['psnr'],
+                    summary['sr'][s][f'x{scale}']['bicubic']['ssim'],
+                ]
+                for s in sets
+            ),
+            [],
+        )
+        + ['', 0, 0.0, '-', '-', '-', '-', '-']
+    ]
     teacher_ms = cost['teacher']['ms_per_128px_lr']
     for name in ['teacher'] + names:
-        losses = ('(teacher, pixel)' if name == 'teacher' else
-                  '+'.join(f'{k}' + (f' x{w:g}' if w != 1 else '') for k, w in RUNS[name].items()))
+        losses = (
+            '(teacher, pixel)'
+            if name == 'teacher'
+            else '+'.join(f'{k}' + (f' x{w:g}' if w != 1 else '') for k, w in RUNS[name].items())
+        )
         row = [name, losses]
         for s in sets:
             m = summary['sr'][s][f'x{scale}'][name]
             row += [m['psnr'], m['ssim']]
-        gain = ('' if base is None or name == 'teacher' else
-                f'{sum(psnr(name)) / len(sets) - sum(base) / len(sets):+.3f}')
+        gain = (
+            ''
+            if base is None or name == 'teacher'
+            else f'{sum(psnr(name)) / len(sets) - sum(base) / len(sets):+.3f}'
+        )
         sps = record.get(name, {}).get('steps_per_sec', float('nan'))
-        row += [gain, cost[name]['params'], cost[name]['gflops_720p'],
-                cost[name]['ms_per_128px_lr'], f'{teacher_ms / cost[name]["ms_per_128px_lr"]:.1f}x',
-                f'{ms_720p[name]:.1f}', f'{ms_720p["teacher"] / ms_720p[name]:.1f}x',
-                '-' if name == 'teacher' else f'{sps:.2f}']
+        row += [
+            gain,
+            cost[name]['params'],
+            cost[name]['gflops_720p'],
+            cost[name]['ms_per_128px_lr'],
+            f'{teacher_ms / cost[name]["ms_per_128px_lr"]:.1f}x',
+            f'{ms_720p[name]:.1f}',
+            f'{ms_720p["teacher"] / ms_720p[name]:.1f}x',
+            '-' if name == 'teacher' else f'{sps:.2f}',
+        ]
         rows.append(row)
     return reporting.markdown_table(header, rows)
 
 
 if __name__ == '__main__':
     from sr_purify import perf
+
     perf.apply_cpu_defaults()  # As launch.py does: the jobs here run the same way.
     app.run(main)

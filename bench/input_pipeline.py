@@ -70,12 +70,14 @@ def main():
 
     tx, schedule = training.make_optimizer(config.optim, config.total_steps)
     state, state_sharding = training.create_state(init_variables, tx, mesh, jax.random.key(0))
-    step = training.compile_step(training.make_train_step(loss_fn, tx, schedule), mesh,
-                                 state_sharding)
+    step = training.compile_step(
+        training.make_train_step(loss_fn, tx, schedule), mesh, state_sharding
+    )
     rng = jax.random.key(1)
     t = time.perf_counter()
-    it = data.sr_train_batches(config.data, scale=scale, global_batch=config.batch_size,
-                               seed=config.seed)
+    it = data.sr_train_batches(
+        config.data, scale=scale, global_batch=config.batch_size, seed=config.seed
+    )
     fixed = sharding.to_global(next(it), mesh)
     first_batch = time.perf_counter() - t
     holder = [state]
@@ -117,21 +119,29 @@ def main():
             times[k].append(fn())
     med = {k: float(np.median(v)) for k, v in times.items()}
     batch = f'batch {config.batch_size} of {patch}x{patch} LR (x{scale})'
-    print(f'# {ARGS.config}: {data.describe(config.data)}, {batch}, {config.model.name}; '
-          f'{jax.device_count()} device(s), {os.cpu_count()} cores, XLA_FLAGS='
-          f'{os.environ.get("XLA_FLAGS", "")!r}; first batch {first_batch:.1f} s, first step '
-          f'(compile) {first_step:.1f} s; load average {os.getloadavg()[0]:.1f}')
+    print(
+        f'# {ARGS.config}: {data.describe(config.data)}, {batch}, {config.model.name}; '
+        f'{jax.device_count()} device(s), {os.cpu_count()} cores, XLA_FLAGS='
+        f'{os.environ.get("XLA_FLAGS", "")!r}; first batch {first_batch:.1f} s, first step '
+        f'(compile) {first_step:.1f} s; load average {os.getloadavg()[0]:.1f}'
+    )
     print()
     print('| what | per second | ms each | against the step |')
     print('| --- | --- | --- | --- |')
-    print(f"| input pipeline alone (batches) | {1 / med['pipeline']:.1f} | "
-          f"{med['pipeline'] * 1e3:.1f} | {med['step'] / med['pipeline']:.1f}x faster |")
-    print(f"| train step alone, fixed batch (steps) | {1 / med['step']:.2f} | "
-          f"{med['step'] * 1e3:.0f} | 1.0x |")
-    print(f"| training loop, batches from the pipeline (steps) | {1 / med['loop']:.2f} | "
-          f"{med['loop'] * 1e3:.0f} | {100 * (med['loop'] / med['step'] - 1):+.1f} % time |")
+    print(
+        f'| input pipeline alone (batches) | {1 / med["pipeline"]:.1f} | '
+        f'{med["pipeline"] * 1e3:.1f} | {med["step"] / med["pipeline"]:.1f}x faster |'
+    )
+    print(
+        f'| train step alone, fixed batch (steps) | {1 / med["step"]:.2f} | '
+        f'{med["step"] * 1e3:.0f} | 1.0x |'
+    )
+    print(
+        f'| training loop, batches from the pipeline (steps) | {1 / med["loop"]:.2f} | '
+        f'{med["loop"] * 1e3:.0f} | {100 * (med["loop"] / med["step"] - 1):+.1f} % time |'
+    )
     ok = med['step'] / med['pipeline'] >= 3
-    print(f"\nTarget (pipeline >= 3x the step): {'met' if ok else 'NOT met'}.")
+    print(f'\nTarget (pipeline >= 3x the step): {"met" if ok else "NOT met"}.')
 
 
 if __name__ == '__main__':

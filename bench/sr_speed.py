@@ -34,14 +34,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--models', default=','.join(MODELS), help=f'comma list of {MODELS}')
     p.add_argument('--work', default=','.join(WORK), help=f'comma list of {WORK}')
-    p.add_argument('--torch', default=','.join(TORCH_VARIANTS),
-                   help=f'PyTorch variants to try, comma list of {TORCH_VARIANTS}; "" for none')
+    p.add_argument(
+        '--torch',
+        default=','.join(TORCH_VARIANTS),
+        help=f'PyTorch variants to try, comma list of {TORCH_VARIANTS}; "" for none',
+    )
     p.add_argument('--threads', type=int, default=os.cpu_count(), help='threads for both')
     p.add_argument('--repeats', type=int, default=5, help='timed turns per candidate')
-    p.add_argument('--tuned', action='store_true',
-                   help='apply sr_purify.perf CPU settings (XLA flags, devices, allocator)')
-    p.add_argument('--devices', type=int, default=0,
-                   help='host devices for JAX data parallelism (0: 1, or perf\'s with --tuned)')
+    p.add_argument(
+        '--tuned',
+        action='store_true',
+        help='apply sr_purify.perf CPU settings (XLA flags, devices, allocator)',
+    )
+    p.add_argument(
+        '--devices',
+        type=int,
+        default=0,
+        help="host devices for JAX data parallelism (0: 1, or perf's with --tuned)",
+    )
     p.add_argument('--conv_impl', default='', help="'xla' or 'matmul' (default: perf's choice)")
     p.add_argument('--xla_flags', default=None, help='XLA_FLAGS for JAX (default: from --tuned)')
     args = p.parse_args(argv)
@@ -62,8 +72,11 @@ from sr_purify import perf  # noqa: E402  (imports no jax)
 
 if ARGS.tuned:
     perf.reexec_with_allocator_env()  # Restarts this process once if the allocator env is unset.
-SETTINGS = perf.cpu_settings() if ARGS.tuned else perf.CpuSettings(xla_flags='', devices=1,
-                                                                    conv_impl='xla')
+SETTINGS = (
+    perf.cpu_settings()
+    if ARGS.tuned
+    else perf.CpuSettings(xla_flags='', devices=1, conv_impl='xla')
+)
 DEVICES = ARGS.devices or SETTINGS.devices
 CONV_IMPL = ARGS.conv_impl or SETTINGS.conv_impl
 XLA_FLAGS = SETTINGS.xla_flags if ARGS.xla_flags is None else ARGS.xla_flags
@@ -81,10 +94,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn as tnn  # noqa: E402
 
+from configs import common  # noqa: E402
 from sr_purify import losses, models, sharding, training  # noqa: E402
 from sr_purify.models import edsr as jedsr  # noqa: E402
 from sr_purify.models import layers  # noqa: E402
-from configs import common  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -93,6 +106,7 @@ BATCH, PATCH, SCALE, BIG = 16, 48, 2, 256
 
 # ---------------------------------------------------------------------------------------------
 # The same architectures in PyTorch (NCHW; layer shapes as sr_purify.models).
+
 
 def conv3(cin, cout, k=3):
     return tnn.Conv2d(cin, cout, k, padding=k // 2)
@@ -113,20 +127,23 @@ class TorchEDSR(tnn.Module):
         self.scale, self.bicubic_skip = scale, bicubic_skip
         self.register_buffer('mean', torch.tensor(jedsr.DIV2K_MEAN).view(1, 3, 1, 1))
         self.head = conv3(3, features)
-        self.blocks = tnn.Sequential(*[TorchResBlock(features, res_scale)
-                                       for _ in range(num_blocks)])
+        self.blocks = tnn.Sequential(
+            *[TorchResBlock(features, res_scale) for _ in range(num_blocks)]
+        )
         self.body_conv = conv3(features, features)
         stages = [2, 2] if scale == 4 else [scale]
-        self.up = tnn.Sequential(*[m for s in stages for m in (
-            conv3(features, features * s * s), tnn.PixelShuffle(s))])
+        self.up = tnn.Sequential(
+            *[m for s in stages for m in (conv3(features, features * s * s), tnn.PixelShuffle(s))]
+        )
         self.tail = conv3(features, 3)
 
     def forward(self, x):
         h = self.head(x - self.mean)
         y = self.tail(self.up(self.body_conv(self.blocks(h)) + h))
         if self.bicubic_skip:
-            return y + F.interpolate(x, scale_factor=self.scale, mode='bicubic',
-                                     align_corners=False)
+            return y + F.interpolate(
+                x, scale_factor=self.scale, mode='bicubic', align_corners=False
+            )
         return y + self.mean
 
 
@@ -186,15 +203,23 @@ class TorchIMDN(tnn.Module):
 
 # name -> (JAX model config, PyTorch constructor)
 SPECS = {
-    'teacher': (common.edsr(scale=SCALE, bicubic_skip=True),
-                lambda: TorchEDSR(SCALE, bicubic_skip=True)),
+    'teacher': (
+        common.edsr(scale=SCALE, bicubic_skip=True),
+        lambda: TorchEDSR(SCALE, bicubic_skip=True),
+    ),
     'edsr': (common.edsr(scale=SCALE), lambda: TorchEDSR(SCALE)),
-    'student': (common.edsr(scale=SCALE, num_blocks=4, features=32, bicubic_skip=True),
-                lambda: TorchEDSR(SCALE, num_blocks=4, features=32, bicubic_skip=True)),
+    'student': (
+        common.edsr(scale=SCALE, num_blocks=4, features=32, bicubic_skip=True),
+        lambda: TorchEDSR(SCALE, num_blocks=4, features=32, bicubic_skip=True),
+    ),
     'imdn': (ml_collections.ConfigDict(dict(name='imdn', scale=SCALE)), lambda: TorchIMDN(SCALE)),
 }
-LABELS = {'teacher': 'teacher: EDSR 16x64 + bicubic skip', 'edsr': 'EDSR-baseline 16x64',
-          'student': 'student: EDSR 4x32 + bicubic skip', 'imdn': 'IMDN 3x32'}
+LABELS = {
+    'teacher': 'teacher: EDSR 16x64 + bicubic skip',
+    'edsr': 'EDSR-baseline 16x64',
+    'student': 'student: EDSR 4x32 + bicubic skip',
+    'imdn': 'IMDN 3x32',
+}
 
 
 def shape_of(work):
@@ -203,6 +228,7 @@ def shape_of(work):
 
 # ---------------------------------------------------------------------------------------------
 # Candidates: a zero-argument callable that runs the work once and waits for it.
+
 
 def jax_candidates(name, work, mesh):
     """(run, flops) for the JAX model on `work`, through the project's own code paths."""
@@ -214,6 +240,7 @@ def jax_candidates(name, work, mesh):
         def apply(params, x):
             with layers.use_conv_impl(impl):
                 return model.apply({'params': params}, x)
+
         return apply
 
     apply = make_apply(CONV_IMPL)
@@ -228,6 +255,7 @@ def jax_candidates(name, work, mesh):
             def loss_fn(params, model_state, batch, rng):
                 del rng
                 return l1(apply(params, batch['lr']), batch['hr']), (model_state, {})
+
             return loss_fn
 
         init = lambda r: (model.init(r, jnp.zeros((1, PATCH, PATCH, 3)))['params'], {})
@@ -237,13 +265,18 @@ def jax_candidates(name, work, mesh):
         batch = sharding.to_global({'lr': x, 'hr': y}, mesh)
         rng_key = jax.random.key(1)
         # The model's FLOPs: the unsharded step with XLA's convolutions (the same math).
-        flops = model_flops(training.make_train_step(make_loss(make_apply('xla')), tx, schedule),
-                            state, batch, rng_key)
+        flops = model_flops(
+            training.make_train_step(make_loss(make_apply('xla')), tx, schedule),
+            state,
+            batch,
+            rng_key,
+        )
         holder = [state]
 
         def run():
             holder[0], metrics = step(holder[0], batch, rng_key)
             jax.block_until_ready((holder[0], metrics))
+
         return run, flops
 
     fn = jax.jit(apply)
@@ -267,8 +300,11 @@ def torch_candidates(name, work, variants):
     """{variant: run} for the PyTorch copy of the model."""
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.random(shape_of(work), np.float32)).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(rng.random((BATCH, PATCH * SCALE, PATCH * SCALE, 3), np.float32)
-                         ).permute(0, 3, 1, 2).contiguous()
+    y = (
+        torch.from_numpy(rng.random((BATCH, PATCH * SCALE, PATCH * SCALE, 3), np.float32))
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
     out = {}
     for variant in variants:
         torch.manual_seed(0)
@@ -290,9 +326,11 @@ def torch_candidates(name, work, variants):
                 opt.step()
                 return loss.item()
         else:
+
             def run(net=net, xv=xv):
                 with torch.inference_mode():
                     return net(xv)
+
         out[variant] = run
     return out
 
@@ -310,12 +348,15 @@ def jax_param_count(name):
 # ---------------------------------------------------------------------------------------------
 # Peak: a large f32 matrix multiply, in both.
 
+
 def peak_candidates(n=2048):
     a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
     dot = jax.jit(lambda a: a @ a)
     ta = torch.from_numpy(np.array(a))
-    return {'jnp.dot': lambda: jax.block_until_ready(dot(a)), 'torch.mm': lambda: torch.mm(ta, ta)
-            }, 2.0 * n ** 3
+    return {
+        'jnp.dot': lambda: jax.block_until_ready(dot(a)),
+        'torch.mm': lambda: torch.mm(ta, ta),
+    }, 2.0 * n**3
 
 
 def timed(fn):
@@ -341,11 +382,14 @@ def main():
     mesh = sharding.make_mesh([('data', DEVICES)])
     peak_fns, peak_flops = peak_candidates()
     rows, peaks = [], []
-    print(f'# JAX {jax.__version__} ({DEVICES} device(s), conv_impl={CONV_IMPL}, '
-          f'XLA_FLAGS={XLA_FLAGS!r}, allocator env '
-          f"{'on' if all(k in os.environ for k in perf.ALLOCATOR_ENV) else 'off'}), "
-          f'PyTorch {torch.__version__}, {ARGS.threads} threads, {ARGS.repeats} turns; load '
-          f'average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores', flush=True)
+    print(
+        f'# JAX {jax.__version__} ({DEVICES} device(s), conv_impl={CONV_IMPL}, '
+        f'XLA_FLAGS={XLA_FLAGS!r}, allocator env '
+        f'{"on" if all(k in os.environ for k in perf.ALLOCATOR_ENV) else "off"}), '
+        f'PyTorch {torch.__version__}, {ARGS.threads} threads, {ARGS.repeats} turns; load '
+        f'average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores',
+        flush=True,
+    )
     for name in ARGS.models:
         counts = jax_param_count(name), torch_param_count(name)
         if counts[0] != counts[1]:
@@ -353,48 +397,68 @@ def main():
         for work in ARGS.work:
             jrun, flops = jax_candidates(name, work, mesh)
             cands = {'jax': jrun}
-            cands.update({f'torch {v}': fn for v, fn in
-                          torch_candidates(name, work, ARGS.torch).items()})
+            cands.update(
+                {f'torch {v}': fn for v, fn in torch_candidates(name, work, ARGS.torch).items()}
+            )
             cands.update(peak_fns)
             med, first = measure(cands, ARGS.repeats)
             peak = max(peak_flops / med['jnp.dot'], peak_flops / med['torch.mm'])
             peaks.append((peak_flops / med['jnp.dot'], peak_flops / med['torch.mm']))
             tvars = [k for k in med if k.startswith('torch ')]
             images = shape_of(work)[0]
-            row = dict(model=name, work=work, flops=flops, jax=med['jax'], peak=peak,
-                       jax_first=first['jax'], load=os.getloadavg()[0])
+            row = dict(
+                model=name,
+                work=work,
+                flops=flops,
+                jax=med['jax'],
+                peak=peak,
+                jax_first=first['jax'],
+                load=os.getloadavg()[0],
+            )
             if tvars:
                 best = min(tvars, key=med.get)
-                row.update(torch=med[best], variant=best[len('torch '):],
-                           all_torch={k[len('torch '):]: med[k] for k in tvars})
+                row.update(
+                    torch=med[best],
+                    variant=best[len('torch ') :],
+                    all_torch={k[len('torch ') :]: med[k] for k in tvars},
+                )
             rows.append(row)
             extra = ', '.join(f'{k} {v * 1e3:.0f} ms' for k, v in med.items())
-            print(f'  {name} {work}: {extra} (GFLOP {flops / 1e9:.1f}; {images} image(s))',
-                  flush=True)
+            print(
+                f'  {name} {work}: {extra} (GFLOP {flops / 1e9:.1f}; {images} image(s))', flush=True
+            )
     print()
-    print('| model | work | JAX img/s | PyTorch img/s (best variant) | JAX / PyTorch | '
-          'JAX % of peak | PyTorch % of peak | load |')
+    print(
+        '| model | work | JAX img/s | PyTorch img/s (best variant) | JAX / PyTorch | '
+        'JAX % of peak | PyTorch % of peak | load |'
+    )
     print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     for r in rows:
         n = shape_of(r['work'])[0]
         jax_util = 100 * r['flops'] / r['jax'] / r['peak']
         if 'torch' in r:
-            torch_cells = (f"{n / r['torch']:.1f} ({r['variant']}) | "
-                           f"{r['torch'] / r['jax']:.2f}x | {jax_util:.0f} | "
-                           f"{100 * r['flops'] / r['torch'] / r['peak']:.0f}")
+            torch_cells = (
+                f'{n / r["torch"]:.1f} ({r["variant"]}) | '
+                f'{r["torch"] / r["jax"]:.2f}x | {jax_util:.0f} | '
+                f'{100 * r["flops"] / r["torch"] / r["peak"]:.0f}'
+            )
         else:
             torch_cells = f'- | - | {jax_util:.0f} | -'
         busy = ' (busy)' if r['load'] > ARGS.threads + 1 else ''  # The bench itself adds ~threads.
-        print(f"| {LABELS[r['model']]} | {r['work']} | {n / r['jax']:.1f} | {torch_cells} | "
-              f"{r['load']:.1f}{busy} |")
+        print(
+            f'| {LABELS[r["model"]]} | {r["work"]} | {n / r["jax"]:.1f} | {torch_cells} | '
+            f'{r["load"]:.1f}{busy} |'
+        )
     jdot = np.median([p[0] for p in peaks]) / 1e9
     tmm = np.median([p[1] for p in peaks]) / 1e9
-    print(f'\nPeak (median over blocks): jnp.dot 2048^2 f32 {jdot:.0f} GFLOP/s, torch.mm '
-          f'{tmm:.0f} GFLOP/s; % of peak uses the faster of the two in the same block (a conv '
-          f'kernel can beat a 2048^2 dot: >100 %). load: 1-minute load average after the row '
-          f'(the bench adds about {ARGS.threads}), {os.cpu_count()} cores; "busy" rows shared '
-          f'the CPU with other processes, which slows PyTorch (OpenMP) far more than XLA: read '
-          f'their ratios with care.')
+    print(
+        f'\nPeak (median over blocks): jnp.dot 2048^2 f32 {jdot:.0f} GFLOP/s, torch.mm '
+        f'{tmm:.0f} GFLOP/s; % of peak uses the faster of the two in the same block (a conv '
+        f'kernel can beat a 2048^2 dot: >100 %). load: 1-minute load average after the row '
+        f'(the bench adds about {ARGS.threads}), {os.cpu_count()} cores; "busy" rows shared '
+        f'the CPU with other processes, which slows PyTorch (OpenMP) far more than XLA: read '
+        f'their ratios with care.'
+    )
 
 
 if __name__ == '__main__':

@@ -24,22 +24,30 @@ DEFAULT_PATH = '../shared/data/cifar10-jpeg'
 
 def data_config(eval_examples: int = 1000) -> ml_collections.ConfigDict:
     """Classification data: `auto` takes the folder at `path` if present, else tfds `name`."""
-    return ml_collections.ConfigDict(dict(
-        source='auto',  # auto | folder | tfds
-        path=DEFAULT_PATH,  # <path>/<split>/<class>/*.jpg, <path>/<split>.tar, or one .tar file
-        name='cifar10', data_dir='', download=False,  # tfds source
-        train_split='train', eval_split='test',
-        train_examples=0,  # 0: all; N: the first N of a permutation seeded by subset_seed
-        eval_examples=eval_examples,  # Same rule on the eval split (0: all).
-        subset_seed=0,
-        pad=4, flip=True,  # Augmentation: random crop after zero padding, horizontal flip.
-        cache_dir='',  # Decoded folders/tars as .npz; '' = ~/.cache/sr_purify.
-        prefetch=2))
+    return ml_collections.ConfigDict(
+        dict(
+            source='auto',  # auto | folder | tfds
+            path=DEFAULT_PATH,  # <path>/<split>/<class>/*.jpg, <path>/<split>.tar, or one .tar file
+            name='cifar10',
+            data_dir='',
+            download=False,  # tfds source
+            train_split='train',
+            eval_split='test',
+            train_examples=0,  # 0: all; N: the first N of a permutation seeded by subset_seed
+            eval_examples=eval_examples,  # Same rule on the eval split (0: all).
+            subset_seed=0,
+            pad=4,
+            flip=True,  # Augmentation: random crop after zero padding, horizontal flip.
+            cache_dir='',  # Decoded folders/tars as .npz; '' = ~/.cache/sr_purify.
+            prefetch=2,
+        )
+    )
 
 
 def resnet(depth: int = 20, num_classes: int = 10) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name='resnet', depth=depth, num_classes=num_classes,
-                                          width=1, shortcut='A'))
+    return ml_collections.ConfigDict(
+        dict(name='resnet', depth=depth, num_classes=num_classes, width=1, shortcut='A')
+    )
 
 
 def small_cnn(num_classes: int = 10) -> ml_collections.ConfigDict:

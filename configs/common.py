@@ -26,25 +26,61 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0: evaluate only at the end.
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
-    c.optim = ml_collections.ConfigDict(dict(
-        name='adam', lr=2e-4, schedule='cosine', warmup_steps=0, end_factor=0.0, b1=0.9,
-        b2=0.999, eps=1e-8, grad_clip_norm=0.0, weight_decay=0.0, momentum=0.9,
-        decay_every=200_000))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name='adam',
+            lr=2e-4,
+            schedule='cosine',
+            warmup_steps=0,
+            end_factor=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            grad_clip_norm=0.0,
+            weight_decay=0.0,
+            momentum=0.9,
+            decay_every=200_000,
+        )
+    )
     return c
 
 
 def sr_data(source: str = 'embedded', patch: int = 32) -> ml_collections.ConfigDict:
     """SR training data: `embedded` (scikit-image photos), `folder` (path) or `tfds` (name)."""
-    return ml_collections.ConfigDict(dict(
-        source=source, patch=patch,  # LR patch side; the HR crop is patch * scale.
-        path='', eval_path='',  # folder source
-        name='div2k/bicubic_x2', data_dir='', split='train', download=False, cache=False,
-        shuffle_buffer=64,  # tfds source
-        skip_bad=False, prefetch=2))
+    return ml_collections.ConfigDict(
+        dict(
+            source=source,
+            patch=patch,  # LR patch side; the HR crop is patch * scale.
+            path='',
+            eval_path='',  # folder source
+            name='div2k/bicubic_x2',
+            data_dir='',
+            split='train',
+            download=False,
+            cache=False,
+            shuffle_buffer=64,  # tfds source
+            skip_bad=False,
+            prefetch=2,
+        )
+    )
 
 
-def edsr(scale: int = 2, num_blocks: int = 16, features: int = 64, res_scale: float = 1.0,
-         bicubic_skip: bool = False, upsampler: str = 'edsr') -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name='edsr', scale=scale, num_blocks=num_blocks,
-                                          features=features, res_scale=res_scale,
-                                          bicubic_skip=bicubic_skip, upsampler=upsampler))
+def edsr(
+    scale: int = 2,
+    num_blocks: int = 16,
+    features: int = 64,
+    res_scale: float = 1.0,
+    bicubic_skip: bool = False,
+    upsampler: str = 'edsr',
+) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name='edsr',
+            scale=scale,
+            num_blocks=num_blocks,
+            features=features,
+            res_scale=res_scale,
+            bicubic_skip=bicubic_skip,
+            upsampler=upsampler,
+        )
+    )

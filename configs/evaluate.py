@@ -29,8 +29,11 @@ from configs import classifier, common
 # APGD-CE iterations: the paper's 100 in the full variant, fewer in the CPU default.
 APGD_STEPS = {'cpu': 20, 'full': 100}
 
-SR_BENCHMARKS = ['../shared/data/sr_benchmarks/Set5', '../shared/data/sr_benchmarks/Set14',
-                 '../shared/data/sr_benchmarks/BSD100']
+SR_BENCHMARKS = [
+    '../shared/data/sr_benchmarks/Set5',
+    '../shared/data/sr_benchmarks/Set14',
+    '../shared/data/sr_benchmarks/BSD100',
+]
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -39,8 +42,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     options = ('student', 'teacher', 'small_cnn', 'full')
     for p in parts:
         if p not in modes + options and not p.startswith('scale='):
-            raise ValueError(f'unknown evaluate variant {p!r}; valid: '
-                             f'{", ".join(modes + options)}, scale=N')
+            raise ValueError(
+                f'unknown evaluate variant {p!r}; valid: {", ".join(modes + options)}, scale=N'
+            )
     if 'attack' in parts:
         return attack_config(parts)
     if 'robustness' in parts:
@@ -72,15 +76,19 @@ def _classifier_base(mode: str, parts):
     c.seed = 0
     c.mesh = [('data', -1)]
     small, full = 'small_cnn' in parts, 'full' in parts
-    c.classifier = ml_collections.ConfigDict(dict(
-        model=classifier.small_cnn() if small else classifier.resnet(20),
-        checkpoint='workdirs/classifier_small_cnn' if small else 'workdirs/classifier'))
+    c.classifier = ml_collections.ConfigDict(
+        dict(
+            model=classifier.small_cnn() if small else classifier.resnet(20),
+            checkpoint='workdirs/classifier_small_cnn' if small else 'workdirs/classifier',
+        )
+    )
     return c, small, full
 
 
 def attack_config(parts=()) -> ml_collections.ConfigDict:
     """Mode 'attack': white-box attacks on a trained classifier, on a fixed test subset."""
     from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
+
     c, small, full = _classifier_base('attack', parts)
     c.eval_examples = 500  # The first N of the seeded test permutation the classifier job used.
     c.data = classifier.data_config()
@@ -106,6 +114,7 @@ def purifier_entry(kind: str, checkpoint: str = '', label: str = '') -> ml_colle
     """A row of the robustness table: a purifier kind, its job's workdir for trained kinds ('' =
     untrained: the kind itself, or its starting point), and a label ('' = the kind)."""
     from configs import purifier
+
     entry = purifier.purifier_config(kind).to_dict()
     del entry['feature']  # Training-only.
     return ml_collections.ConfigDict(dict(entry, checkpoint=checkpoint, label=label))
@@ -114,19 +123,25 @@ def purifier_entry(kind: str, checkpoint: str = '', label: str = '') -> ml_colle
 def robustness_config(parts=()) -> ml_collections.ConfigDict:
     """Mode 'robustness': purifiers in front of a classifier under three attackers."""
     from sr_purify import attacks  # Lazy: jax is only needed once a config is built.
+
     c, small, full = _classifier_base('robustness', parts)
     # The transfer source: an independently trained classifier; '' skips the transfer attacker.
     c.transfer = ml_collections.ConfigDict(dict(model=classifier.small_cnn(), checkpoint=''))
-    c.purifiers = [purifier_entry('none'), purifier_entry('bicubic_resample'),
-                   purifier_entry('jpeg'),
-                   purifier_entry('sr_resample', checkpoint='workdirs/purifier')]
+    c.purifiers = [
+        purifier_entry('none'),
+        purifier_entry('bicubic_resample'),
+        purifier_entry('jpeg'),
+        purifier_entry('sr_resample', checkpoint='workdirs/purifier'),
+    ]
     c.eval_examples = 500  # The first N of the seeded test permutation the classifier job used.
     c.data = classifier.data_config()
     c.data.eval_examples = c.get_ref('eval_examples')
     c.batch_size = 100  # Fixed shape, the last batch padded; divides by the device count.
     # PGD with Madry's step rule (2.5 eps / steps; 2/255 at 8/255).
-    c.attacks = [attacks.attack_config(name='pgd', eps=k / 255, steps=10, step_size=None)
-                 for k in (2, 4, 8, 16)]
+    c.attacks = [
+        attacks.attack_config(name='pgd', eps=k / 255, steps=10, step_size=None)
+        for k in (2, 4, 8, 16)
+    ]
     c.attacks += [attacks.attack_config(name='pgd', norm='l2', eps=0.5, steps=10, step_size=None)]
     # White-box attacker on C∘P: steps=0 keeps each attack's own steps; EOT draws when P is random.
     c.adaptive = ml_collections.ConfigDict(dict(steps=0, eot_samples=8))

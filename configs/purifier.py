@@ -34,34 +34,39 @@ VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample', 'victim')
 
 def feature_config(kind: str = 'random_cnn') -> ml_collections.ConfigDict:
     """F: 'random_cnn' (fixed seed, never trained), 'classifier' or 'teacher' (checkpoints)."""
-    return ml_collections.ConfigDict(dict(
-        kind=kind,
-        seed=0,  # random_cnn's initialisation
-        random_cnn=dict(features=32, num_layers=3, num_downsample=1),
-        checkpoint='',  # classifier or teacher job workdir
-        classifier=classifier.resnet(20),
-        teacher=common.edsr(scale=2, bicubic_skip=True),  # configs/teacher.py's CPU default
-        # Tap of the classifier ('stem', 'stage_1', 'stage_2', 'stage_3'; small_cnn: 'conv_1'..3)
-        # or of the teacher ('head', 'block_<i>', 'body').
-        layer='stage_1',
-        distance='l1',  # d(F(P(x')), F(x)): 'l1' or 'l2' (mean squared)
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            kind=kind,
+            seed=0,  # random_cnn's initialisation
+            random_cnn=dict(features=32, num_layers=3, num_downsample=1),
+            checkpoint='',  # classifier or teacher job workdir
+            classifier=classifier.resnet(20),
+            teacher=common.edsr(scale=2, bicubic_skip=True),  # configs/teacher.py's CPU default
+            # Tap of the classifier ('stem', 'stage_1' .. 'stage_3'; small_cnn: 'conv_1'..3)
+            # or of the teacher ('head', 'block_<i>', 'body').
+            layer='stage_1',
+            distance='l1',  # d(F(P(x')), F(x)): 'l1' or 'l2' (mean squared)
+        )
+    )
 
 
 def purifier_config(kind: str = 'sr_resample') -> ml_collections.ConfigDict:
     """What a purifier is (sr_purify/purifiers.py); shared with configs/evaluate.py:robustness."""
-    return ml_collections.ConfigDict(dict(
-        kind=kind,
-        scale=2,  # sr_resample / bicubic_resample: down by this factor, back up
-        jpeg_quality=75,
-        input_noise=0.0,  # > 0: Gaussian noise before purifying (random, so EOT applies)
-        student=student_config.student_model('edsr', 2),  # the SR network of sr_resample
-        student_checkpoint='',  # a student job's workdir (its `student/` export); '' = random
-        # The NRP generator (models 'nrp'): CPU-small; the paper's is larger (see `:full`).
-        nrp=dict(num_blocks=1, features=16, growth=8, num_dense=2, dense_layers=4,
-                 res_scale=0.2),
-        feature=feature_config(),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            kind=kind,
+            scale=2,  # sr_resample / bicubic_resample: down by this factor, back up
+            jpeg_quality=75,
+            input_noise=0.0,  # > 0: Gaussian noise before purifying (random, so EOT applies)
+            student=student_config.student_model('edsr', 2),  # the SR network of sr_resample
+            student_checkpoint='',  # a student job's workdir (its `student/` export); '' = random
+            # The NRP generator (models 'nrp'): CPU-small; the paper's is larger (see `:full`).
+            nrp=dict(
+                num_blocks=1, features=16, growth=8, num_dense=2, dense_layers=4, res_scale=0.2
+            ),
+            feature=feature_config(),
+        )
+    )
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -72,18 +77,31 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.purifier = purifier_config('nrp' if 'nrp' in parts else 'sr_resample')
     # How x' is made from each clean batch, inside the jitted step. Fractions of the batch
     # (normalised): SSP on F, PGD on F's own predictions (classifier F only), Gaussian noise.
-    c.perturb = ml_collections.ConfigDict(dict(
-        ssp=1.0, pgd=0.0, noise=0.0,
-        eps=16 / 255, steps=10, step_size=0.01,  # SSP (NRP: 16/255, 100 steps of 0.01)
-        pgd_eps=8 / 255, pgd_steps=10, pgd_step_size=2 / 255,
-        noise_std=16 / 255))
+    c.perturb = ml_collections.ConfigDict(
+        dict(
+            ssp=1.0,
+            pgd=0.0,
+            noise=0.0,
+            eps=16 / 255,
+            steps=10,
+            step_size=0.01,  # SSP (NRP: 16/255, 100 steps of 0.01)
+            pgd_eps=8 / 255,
+            pgd_steps=10,
+            pgd_step_size=2 / 255,
+            noise_std=16 / 255,
+        )
+    )
     c.loss = ml_collections.ConfigDict(dict(pixel=1.0, feature=0.1, identity=1.0))
-    c.data = ml_collections.ConfigDict(dict(
-        source='cifar',  # cifar (classification data, labels dropped) | folder | embedded
-        cifar=classifier.data_config(eval_examples=64),
-        path='',  # folder source: any images, random `patch` crops
-        patch=32, flip=True,
-        eval_images=64))  # held-out images for the end-of-training report
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source='cifar',  # cifar (classification data, labels dropped) | folder | embedded
+            cifar=classifier.data_config(eval_examples=64),
+            path='',  # folder source: any images, random `patch` crops
+            patch=32,
+            flip=True,
+            eval_images=64,
+        )
+    )  # held-out images for the end-of-training report
     c.data.cifar.train_examples = 0
     c.batch_size = 32
     c.total_steps = 200
@@ -110,6 +128,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.eval_every = 2_000
         c.checkpoint_every = 1_000
         c.optim.warmup_steps = 500
-        c.purifier.nrp = dict(num_blocks=3, features=64, growth=32, num_dense=3, dense_layers=4,
-                              res_scale=0.2)
+        c.purifier.nrp = dict(
+            num_blocks=3, features=64, growth=32, num_dense=3, dense_layers=4, res_scale=0.2
+        )
     return c

@@ -33,10 +33,10 @@ VARIANTS = ('cpu', 'full') + STUDENTS
 STUDENT_FIELDS = {
     # Slim EDSR; the bicubic global skip as in the CPU teacher (no parameters). upsampler='espcn'
     # (one conv to RGB x s^2) is 1.4x faster but gained less from distillation (README).
-    'edsr': dict(num_blocks=4, features=32, res_scale=1.0, bicubic_skip=True,
-                 upsampler='edsr'),
-    'imdn': dict(num_blocks=3, features=32, distill_rate=0.25, negative_slope=0.05,
-                 cca_reduction=16),
+    'edsr': dict(num_blocks=4, features=32, res_scale=1.0, bicubic_skip=True, upsampler='edsr'),
+    'imdn': dict(
+        num_blocks=3, features=32, distill_rate=0.25, negative_slope=0.05, cca_reduction=16
+    ),
     'fsrcnn': dict(features=56, shrink=12, num_maps=4, activation='prelu'),
 }
 
@@ -85,14 +85,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict()
     # Every loss is listed so any can be switched on from the command line; 0 = off. The default
     # is the benchmark's best (README): +0.15 dB over the same student from scratch.
-    c.distill.losses = ml_collections.ConfigDict(dict(
-        pixel=1.0, output=1.0, feature=0.0, affinity=0.0, attention=0.0, upcycled=3.0))
+    c.distill.losses = ml_collections.ConfigDict(
+        dict(pixel=1.0, output=1.0, feature=0.0, affinity=0.0, attention=0.0, upcycled=3.0)
+    )
     # 'features': the teacher's intermediate features may be used; 'outputs': only its SR output.
     c.distill.teacher_access = 'features'
     # A tuple, so the command line can set it: --config.distill.feature_pairs="(('body', 'body'),)"
     c.distill.feature_pairs = FEATURE_PAIRS[name]
     c.distill.feature_distance = 'l1'  # feature loss: 'l1' or 'l2'
-    c.distill.attention_p = 2.0        # attention map = mean_c |F|^p
+    c.distill.attention_p = 2.0  # attention map = mean_c |F|^p
     # Inputs of the `upcycled` loss: HR crops as LR (zoom_in), LR downscaled again (zoom_out).
     c.distill.upcycle = ('zoom_in', 'zoom_out')
     # Who labels them: 'teacher', or 'ground_truth' (zoom_out only: the LR patch; no teacher),
@@ -115,6 +116,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.log_every = 100
         c.eval_every = 10_000
         c.checkpoint_every = 5_000
-        c.eval.datasets = ['../shared/data/sr_benchmarks/Set5',
-                           '../shared/data/sr_benchmarks/Set14']
+        c.eval.datasets = [
+            '../shared/data/sr_benchmarks/Set5',
+            '../shared/data/sr_benchmarks/Set14',
+        ]
     return c

@@ -61,8 +61,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.log_every = 100
         c.eval_every = 10_000
         c.checkpoint_every = 5_000
-        c.eval.datasets = ['../shared/data/sr_benchmarks/Set5',
-                           '../shared/data/sr_benchmarks/Set14']
+        c.eval.datasets = [
+            '../shared/data/sr_benchmarks/Set5',
+            '../shared/data/sr_benchmarks/Set14',
+        ]
     if variant == 'edsr':
         c.model = common.edsr(scale=scale, num_blocks=32, features=256, res_scale=0.1)
     return c

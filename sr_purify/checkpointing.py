@@ -34,8 +34,9 @@ def digest(tree: Any) -> str:
     Paths are normalised (see `_path_str`) and sorted, so a state restored without a target (as
     nested dicts) has the same digest as the dataclass it was saved from.
     """
-    leaves = sorted((_path_str(p), leaf)
-                    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0])
+    leaves = sorted(
+        (_path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    )
     h = hashlib.sha256()
     for path, leaf in leaves:
         x = sharding.to_host(leaf)
@@ -54,23 +55,26 @@ def _leaf_shapes(tree: Any) -> dict:
 
 
 def check_compatible(saved: Any, expected: Any, where: str) -> None:
-    """Raises CheckpointMismatchError naming the first parameter that differs (missing, extra, shape)."""
+    """Raises CheckpointMismatchError naming the first differing parameter (missing/extra/shape)."""
     saved_shapes, expected_shapes = _leaf_shapes(saved), _leaf_shapes(expected)
     missing = sorted(set(expected_shapes) - set(saved_shapes))
     extra = sorted(set(saved_shapes) - set(expected_shapes))
     if missing:
         raise CheckpointMismatchError(
             f'checkpoint {where} lacks parameter {missing[0]} that the config expects '
-            f'({len(missing)} missing); was it written with another model config?')
+            f'({len(missing)} missing); was it written with another model config?'
+        )
     if extra:
         raise CheckpointMismatchError(
             f'checkpoint {where} has parameter {extra[0]} that the config does not '
-            f'({len(extra)} extra); was it written with another model config?')
+            f'({len(extra)} extra); was it written with another model config?'
+        )
     for k, shape in expected_shapes.items():
         if saved_shapes[k] is not None and shape is not None and saved_shapes[k] != shape:
             raise CheckpointMismatchError(
                 f'checkpoint {where}: parameter {k} has shape {saved_shapes[k]}, the config '
-                f'builds {shape}')
+                f'builds {shape}'
+            )
 
 
 class Checkpointer:
@@ -79,7 +83,8 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
         self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def quarantine(self, steps) -> None:
@@ -99,21 +104,26 @@ class Checkpointer:
                 logging.warning('moved damaged checkpoint %s to %s', src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices('checkpoint quarantine')
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def save(self, step: int, state: Any, force: bool = True) -> None:
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    digest=ocp.args.JsonSave({'sha256': digest(state)})),
-            force=force)
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                digest=ocp.args.JsonSave({'sha256': digest(state)}),
+            ),
+            force=force,
+        )
 
     def steps(self):
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def restore(self, abstract_state: Any = None, step: Optional[int] = None,
-                quarantine: bool = False) -> Tuple[Any, Optional[int]]:
+    def restore(
+        self, abstract_state: Any = None, step: Optional[int] = None, quarantine: bool = False
+    ) -> Tuple[Any, Optional[int]]:
         """Newest step (or `step`) whose digest verifies; (None, None) when there is none.
 
         With `abstract_state` None the state comes back as saved (nested dicts of arrays), which
@@ -129,19 +139,30 @@ class Checkpointer:
                     self._check_shapes(s, abstract_state)
                 target = abstract_state if abstract_state is not None else self._as_saved(s)
                 restored = self.manager.restore(
-                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                               digest=ocp.args.JsonRestore()))
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), digest=ocp.args.JsonRestore()
+                    ),
+                )
                 state, saved_digest = restored['state'], restored['digest']['sha256']
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # Orbax raises many types for damaged files.
-                logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying an older '
-                                'one', s, self.directory, type(e).__name__, str(e)[:200])
+                logging.warning(
+                    'checkpoint step %d in %s is unreadable (%s: %s); trying an older one',
+                    s,
+                    self.directory,
+                    type(e).__name__,
+                    str(e)[:200],
+                )
                 damaged.append(s)
                 continue
             if digest(state) != saved_digest:
-                logging.warning('checkpoint step %d in %s fails its digest check; trying an older '
-                                'one', s, self.directory)
+                logging.warning(
+                    'checkpoint step %d in %s fails its digest check; trying an older one',
+                    s,
+                    self.directory,
+                )
                 damaged.append(s)
                 continue
             if quarantine:
@@ -164,8 +185,13 @@ class Checkpointer:
             return None
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
-            if hasattr(m, 'shape') and hasattr(m, 'dtype') else m, meta_tree)
+            lambda m: (
+                jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                if hasattr(m, 'shape') and hasattr(m, 'dtype')
+                else m
+            ),
+            meta_tree,
+        )
 
     def _saved_tree(self, step: int) -> Any:
         """Metadata tree (shapes, dtypes) of the saved state, or None when it cannot be read.
@@ -175,7 +201,8 @@ class Checkpointer:
         """
         try:
             meta = ocp.StandardCheckpointHandler().metadata(
-                epath.Path(self.directory) / str(step) / 'state')
+                epath.Path(self.directory) / str(step) / 'state'
+            )
         except Exception:  # No metadata: let restore itself decide.
             return None
         return None if meta is None else getattr(meta, 'tree', meta)
@@ -205,7 +232,7 @@ def has_checkpoints(directory: str) -> bool:
 
 
 def restore_newest(directory: str, what: str = 'model') -> Tuple[Any, int]:
-    """(state, step) of the newest valid checkpoint in a checkpoints folder (damaged ones skipped)."""
+    """(state, step) of the newest valid checkpoint in a checkpoints folder (damaged skipped)."""
     ckpt = Checkpointer(directory, asynchronous=False)
     try:
         state, step = ckpt.restore(None)
@@ -221,7 +248,8 @@ def _restore_state(directory: str, what: str) -> Tuple[str, Any, int]:
     if not has_checkpoints(directory):
         raise FileNotFoundError(
             f'no {what} checkpoint in {directory!r}; pass the workdir of a finished {what} job '
-            f'(or its checkpoints/ folder)')
+            f'(or its checkpoints/ folder)'
+        )
     state, step = restore_newest(directory, what)
     return directory, state, step
 
@@ -250,8 +278,9 @@ def _like(tree: Any, reference: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[_path_str(p)] for p, _ in paths])
 
 
-def restore_variables(directory: str, abstract_params: Any, abstract_model_state: Any,
-                      what: str = 'model') -> Tuple[Any, Any, int]:
+def restore_variables(
+    directory: str, abstract_params: Any, abstract_model_state: Any, what: str = 'model'
+) -> Tuple[Any, Any, int]:
     """Like `restore_params`, also returning the non-trained variables (e.g. batch_stats)."""
     directory, state, step = _restore_state(directory, what)
     where = f'{directory} step {step}'

@@ -55,10 +55,12 @@ class Split:
 
 
 def _missing_message(path: str, extra: str = '') -> str:
-    return (f'classification data {path!r} not found{extra}; pass --config.data.path=<folder with '
-            f'<split>/<class>/*.jpg or <split>.tar> (e.g. ../shared/data/cifar10-jpeg), or '
-            f'--config.data.source=tfds (with --config.data.data_dir=<dir> or '
-            f'--config.data.download=True)')
+    return (
+        f'classification data {path!r} not found{extra}; pass --config.data.path=<folder with '
+        f'<split>/<class>/*.jpg or <split>.tar> (e.g. ../shared/data/cifar10-jpeg), or '
+        f'--config.data.source=tfds (with --config.data.data_dir=<dir> or '
+        f'--config.data.download=True)'
+    )
 
 
 def resolve_path(path: str) -> Optional[str]:
@@ -79,8 +81,11 @@ def _split_location(path: str, split: str) -> Tuple[str, str]:
             return 'dir', os.path.join(path, split)
         if os.path.isfile(os.path.join(path, f'{split}.tar')):
             return 'tar', os.path.join(path, f'{split}.tar')
-        raise FileNotFoundError(_missing_message(
-            path, f' as a dataset: it has neither a {split}/ folder nor {split}.tar'))
+        raise FileNotFoundError(
+            _missing_message(
+                path, f' as a dataset: it has neither a {split}/ folder nor {split}.tar'
+            )
+        )
     if path.endswith('.tar') and os.path.isfile(path):
         # A tar named after another split stands for its folder: use the sibling <split>.tar.
         sibling = os.path.join(os.path.dirname(path), f'{split}.tar')
@@ -90,6 +95,7 @@ def _split_location(path: str, split: str) -> Tuple[str, str]:
 
 def _decode(raw: bytes, name: str) -> np.ndarray:
     from PIL import Image  # Lazy: only folder sources need PIL.
+
     try:
         with Image.open(io.BytesIO(raw)) as im:
             return np.asarray(im.convert('RGB'))
@@ -108,8 +114,10 @@ def _stack(items: Sequence[Tuple[str, str, bytes]], where: str) -> Split:
     shape = images[0].shape
     for im, (_, name, _) in zip(images, items):
         if im.shape != shape:
-            raise ValueError(f'image {name!r} has shape {im.shape}, the first image of {where!r} '
-                             f'has {shape}; all images of a split must have one size')
+            raise ValueError(
+                f'image {name!r} has shape {im.shape}, the first image of {where!r} '
+                f'has {shape}; all images of a split must have one size'
+            )
     labels = np.asarray([index[c] for c, _, _ in items], np.int32)
     return Split(np.stack(images), labels, class_names, where)
 
@@ -141,14 +149,15 @@ def _read_tar(tar_path: str, split: str) -> Split:
                 continue
             items.append((parts[-2], f'{tar_path}:{m.name}', tar.extractfile(m).read()))
     if not items:
-        raise FileNotFoundError(_missing_message(
-            tar_path, f': it has no images under {split}/<class>/'))
+        raise FileNotFoundError(
+            _missing_message(tar_path, f': it has no images under {split}/<class>/')
+        )
     return _stack(items, tar_path)
 
 
 def _relabel(split: Split, class_names: Tuple[str, ...]) -> Split:
     index = {c: i for i, c in enumerate(class_names)}
-    labels = np.asarray([index[split.class_names[l]] for l in split.labels], np.int32)
+    labels = np.asarray([index[split.class_names[k]] for k in split.labels], np.int32)
     return Split(split.images, labels, class_names, split.source)
 
 
@@ -176,8 +185,9 @@ def _load_folder(data: ml_collections.ConfigDict, path: str, split: str) -> Spli
     if os.path.exists(cache):
         try:
             with np.load(cache) as z:
-                return Split(z['images'], z['labels'],
-                             tuple(str(c) for c in z['class_names']), location)
+                return Split(
+                    z['images'], z['labels'], tuple(str(c) for c in z['class_names']), location
+                )
         except Exception as e:  # A damaged cache is rebuilt, never trusted.
             logging.warning('ignoring unreadable cache %s (%s)', cache, e)
     logging.info('decoding %s (cached afterwards in %s)', location, cache)
@@ -187,28 +197,40 @@ def _load_folder(data: ml_collections.ConfigDict, path: str, split: str) -> Spli
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = f'{cache}.tmp{os.getpid()}'
         with open(tmp, 'wb') as f:
-            np.savez(f, images=result.images, labels=result.labels,
-                     class_names=np.asarray(result.class_names))
+            np.savez(
+                f,
+                images=result.images,
+                labels=result.labels,
+                class_names=np.asarray(result.class_names),
+            )
         os.replace(tmp, cache)  # Atomic: a concurrent reader never sees half a file.
     except OSError as e:
-        logging.warning('could not write the data cache %s (%s); the next run decodes again',
-                        cache, e)
+        logging.warning(
+            'could not write the data cache %s (%s); the next run decodes again', cache, e
+        )
     return result
 
 
 def _load_tfds(data: ml_collections.ConfigDict, split: str) -> Split:
     import tensorflow_datasets as tfds
+
     from sr_purify.data import tfds_builder  # One tfds entry point for every dataset.
+
     builder = tfds_builder(data)
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     names = tuple(builder.info.features['label'].names)
-    return Split(np.asarray(arrays['image'], np.uint8), np.asarray(arrays['label'], np.int32),
-                 names, f'tfds {data.name}/{split}')
+    return Split(
+        np.asarray(arrays['image'], np.uint8),
+        np.asarray(arrays['label'], np.int32),
+        names,
+        f'tfds {data.name}/{split}',
+    )
 
 
 def _tfds_prepared(data: ml_collections.ConfigDict) -> bool:
     try:
         import tensorflow_datasets as tfds
+
         return tfds.builder(data.name, data_dir=data.get('data_dir', '') or None).is_prepared()
     except Exception:  # An unknown name or a broken install: treat as absent.
         return False
@@ -225,8 +247,9 @@ def source_of(data: ml_collections.ConfigDict) -> Tuple[str, Optional[str]]:
         return 'folder', path
     if data.source == 'tfds' or _tfds_prepared(data):
         return 'tfds', None
-    raise FileNotFoundError(_missing_message(
-        data.get('path', ''), f' and tfds {data.name!r} is not prepared'))
+    raise FileNotFoundError(
+        _missing_message(data.get('path', ''), f' and tfds {data.name!r} is not prepared')
+    )
 
 
 def load_split(data: ml_collections.ConfigDict, split: str) -> Split:
@@ -243,8 +266,9 @@ def subset(split: Split, count: int, seed: int) -> Split:
     order = np.random.default_rng(seed).permutation(len(split))
     if count > 0:
         if count > len(split):
-            raise ValueError(f'asked for {count} examples of {split.source!r}, which has '
-                             f'{len(split)}')
+            raise ValueError(
+                f'asked for {count} examples of {split.source!r}, which has {len(split)}'
+            )
         order = order[:count]
     return split.take(order)
 
@@ -255,24 +279,37 @@ def subset(split: Split, count: int, seed: int) -> Split:
 
 def _check_split_of_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise ValueError(f'global batch {global_batch} is not divisible by the process count '
-                         f'{process_count}')
+        raise ValueError(
+            f'global batch {global_batch} is not divisible by the process count {process_count}'
+        )
     return global_batch // process_count
 
 
-def train_batches(split: Split, *, global_batch: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, pad: int = 4,
-                  flip: bool = True, prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
+def train_batches(
+    split: Split,
+    *,
+    global_batch: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad: int = 4,
+    flip: bool = True,
+    prefetch: int = 2,
+) -> Iterator[Dict[str, np.ndarray]]:
     """Yields this process's share of each global batch from `start_step` on, forever.
 
     Batches are {'image': float32 (B, H, W, 3) in [0, 1], 'label': int32 (B,)}.
     """
     import tensorflow as tf
+
     local = _check_split_of_batch(global_batch, process_count)
     n = len(split)
     if n < global_batch:
-        raise ValueError(f'{n} training examples are fewer than one global batch of '
-                         f'{global_batch}; use a smaller batch or more data')
+        raise ValueError(
+            f'{n} training examples are fewer than one global batch of '
+            f'{global_batch}; use a smaller batch or more data'
+        )
     h, w = split.images.shape[1:3]
     bank = tf.constant(split.images)
     labels = tf.constant(split.labels)
@@ -280,8 +317,9 @@ def train_batches(split: Split, *, global_batch: int, seed: int, start_step: int
 
     def epoch(e):
         # Epoch e visits the images in a permutation seeded by (seed, e).
-        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                        seed=tf.stack([seed64, e]))
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, e])
+        )
         return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), perm))
 
     def example(i, index):
@@ -305,8 +343,9 @@ def train_batches(split: Split, *, global_batch: int, seed: int, start_step: int
     return ds.with_options(options).as_numpy_iterator()
 
 
-def eval_batches(split: Split, *, global_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+def eval_batches(
+    split: Split, *, global_batch: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[Dict[str, np.ndarray]]:
     """This process's share of fixed-shape batches covering `split` once, in order.
 
     The last global batch is padded with zeros; `mask` is 1 for real examples, 0 for padding, so
@@ -321,6 +360,8 @@ def eval_batches(split: Split, *, global_batch: int, process_index: int = 0,
         valid = idx < n
         safe = np.where(valid, idx, 0)
         images = np.where(valid[:, None, None, None], split.images[safe], 0)
-        yield {'image': images.astype(np.float32) / 255.0,
-               'label': np.where(valid, split.labels[safe], 0).astype(np.int32),
-               'mask': valid.astype(np.float32)}
+        yield {
+            'image': images.astype(np.float32) / 255.0,
+            'label': np.where(valid, split.labels[safe], 0).astype(np.int32),
+            'mask': valid.astype(np.float32),
+        }

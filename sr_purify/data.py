@@ -16,7 +16,7 @@ import dataclasses
 import glob
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -28,8 +28,14 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 SCALES = (2, 3, 4)
 
 # Held-out photos never used for training on the embedded default.
-EMBEDDED_TRAIN = ('astronaut', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina',
-                                    'stereo_motorcycle')
+EMBEDDED_TRAIN = (
+    'astronaut',
+    'rocket',
+    'hubble_deep_field',
+    'immunohistochemistry',
+    'retina',
+    'stereo_motorcycle',
+)
 EMBEDDED_EVAL = ('chelsea', 'coffee')
 
 
@@ -51,8 +57,10 @@ def check_scale(scale: int) -> int:
 
 def _embedded(split: str) -> List[Image]:
     import skimage.data  # Imported lazily: only the embedded source needs it.
-    names = registry.lookup({'train': EMBEDDED_TRAIN, 'eval': EMBEDDED_EVAL}, split,
-                                                    'embedded split')
+
+    names = registry.lookup(
+        {'train': EMBEDDED_TRAIN, 'eval': EMBEDDED_EVAL}, split, 'embedded split'
+    )
     images = []
     for name in names:
         pixels = getattr(skimage.data, name)()
@@ -63,22 +71,25 @@ def _embedded(split: str) -> List[Image]:
 
 
 def list_image_files(path: str) -> List[str]:
-    """Image files under `path`: `<path>/HR/*` when that exists (benchmark layout), else `<path>/*`."""
+    """Image files under `path`: `<path>/HR/*` if it exists (benchmark layout), else `<path>/*`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
-                f'image folder {path!r} does not exist; pass an existing folder of images, e.g. '
-                f'--config.data.path=../shared/data/sr_benchmarks/Set5')
+            f'image folder {path!r} does not exist; pass an existing folder of images, e.g. '
+            f'--config.data.path=../shared/data/sr_benchmarks/Set5'
+        )
     root = os.path.join(path, 'HR') if os.path.isdir(os.path.join(path, 'HR')) else path
-    files = sorted(f for f in glob.glob(os.path.join(root, '*'))
-                                  if f.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(
+        f for f in glob.glob(os.path.join(root, '*')) if f.lower().endswith(IMAGE_SUFFIXES)
+    )
     if not files:
         raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {root!r}')
     return files
 
 
 def read_image(path: str, keep_gray: bool = False) -> np.ndarray:
-    """Reads an image file as uint8 HxWx3 (or HxW if gray and keep_gray). Names the file on failure."""
+    """An image file as uint8 HxWx3 (HxW if gray and keep_gray); names the file on failure."""
     from PIL import Image as PILImage  # Lazy: PIL is only needed for folders.
+
     try:
         with PILImage.open(path) as im:
             im.load()
@@ -86,8 +97,10 @@ def read_image(path: str, keep_gray: bool = False) -> np.ndarray:
                 return np.asarray(im.convert('L'))
             return np.asarray(im.convert('RGB'))
     except Exception as e:  # PIL raises many types for damaged files.
-        raise ValueError(f'cannot read image {path!r}: {type(e).__name__}: {e} '
-                                          f'(set config.data.skip_bad=True to skip unreadable files)') from None
+        raise ValueError(
+            f'cannot read image {path!r}: {type(e).__name__}: {e} '
+            f'(set config.data.skip_bad=True to skip unreadable files)'
+        ) from None
 
 
 def _folder(path: str, skip_bad: bool = False, keep_gray: bool = False) -> List[Image]:
@@ -152,8 +165,10 @@ class _ImageBank:
     def __init__(self, images: Sequence[Image], hr_patch: int):
         small = [im.name for im in images if min(im.pixels.shape[:2]) < hr_patch]
         if small:
-            raise ValueError(f'image(s) {small} are smaller than the HR crop of {hr_patch} pixels; '
-                                              f'use a smaller config.data.patch or drop them')
+            raise ValueError(
+                f'image(s) {small} are smaller than the HR crop of {hr_patch} pixels; '
+                f'use a smaller config.data.patch or drop them'
+            )
         flats = [np.ascontiguousarray(im.pixels).reshape(-1) for im in images]
         self.offsets = tf.constant(np.cumsum([0] + [f.size for f in flats[:-1]]), tf.int64)
         self.shapes = tf.constant([im.pixels.shape[:2] for im in images], tf.int64)
@@ -163,20 +178,28 @@ class _ImageBank:
     def crop(self, index: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
         k = tf.random.stateless_uniform([], seed, 0, self.count, dtype=tf.int64)
         h, w = self.shapes[k][0], self.shapes[k][1]
-        image = tf.reshape(self.buffer[self.offsets[k]:self.offsets[k] + h * w * 3], [h, w, 3])
+        image = tf.reshape(self.buffer[self.offsets[k] : self.offsets[k] + h * w * 3], [h, w, 3])
         top_left = tf.random.stateless_uniform([2], seed + 1, 0, 2**31 - 1, dtype=tf.int64)
         y, x = top_left[0] % (h - size + 1), top_left[1] % (w - size + 1)
-        return image[y:y + size, x:x + size]
+        return image[y : y + size, x : x + size]
 
 
-def sr_train_batches(data: ml_collections.ConfigDict, *, scale: int, global_batch: int,
-                                          seed: int, start_step: int = 0, process_index: int = 0,
-                                          process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+def sr_train_batches(
+    data: ml_collections.ConfigDict,
+    *,
+    scale: int,
+    global_batch: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Dict[str, np.ndarray]]:
     """Yields this process's share of each global training batch, from `start_step` on."""
     check_scale(scale)
     if global_batch % process_count:
-        raise ValueError(f'global batch {global_batch} is not divisible by the process count '
-                                          f'{process_count}')
+        raise ValueError(
+            f'global batch {global_batch} is not divisible by the process count {process_count}'
+        )
     local = global_batch // process_count
     hr_patch = data.patch * scale
     if data.source == 'tfds':
@@ -192,13 +215,18 @@ def sr_train_batches(data: ml_collections.ConfigDict, *, scale: int, global_batc
         # Global example index i = step * global_batch + j; this process takes its slice of j.
         first = start_step * global_batch + process_index * local
         ds = tf.data.Dataset.range(start_step, 2**62).flat_map(
-                lambda step: tf.data.Dataset.range(
-                        step * global_batch + process_index * local,
-                        step * global_batch + (process_index + 1) * local))
+            lambda step: tf.data.Dataset.range(
+                step * global_batch + process_index * local,
+                step * global_batch + (process_index + 1) * local,
+            )
+        )
         del first
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.map(lambda hr: _make_pair(hr, scale, data.patch),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda hr: _make_pair(hr, scale, data.patch),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     ds = ds.batch(local, drop_remainder=True).prefetch(data.get('prefetch', 2))
     options = tf.data.Options()
     options.deterministic = True
@@ -209,11 +237,14 @@ def sr_train_batches(data: ml_collections.ConfigDict, *, scale: int, global_batc
 def _tfds_hr_patches(data, hr_patch, seed, start_step, process_index, process_count):
     """Random HR crops from a tfds SR dataset (feature 'hr'), this process's share."""
     import tensorflow_datasets as tfds
+
     builder = tfds_builder(data)
-    split = tfds.split_for_jax_process(data.get('split', 'train'), process_index=process_index,
-                                                                          process_count=process_count)
-    ds = builder.as_dataset(split=split, shuffle_files=True,
-                                                    read_config=tfds.ReadConfig(shuffle_seed=seed + start_step))
+    split = tfds.split_for_jax_process(
+        data.get('split', 'train'), process_index=process_index, process_count=process_count
+    )
+    ds = builder.as_dataset(
+        split=split, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=seed + start_step)
+    )
     ds = ds.map(lambda ex: ex['hr'], num_parallel_calls=tf.data.AUTOTUNE)
     if data.get('cache', False):
         ds = ds.cache()
@@ -229,19 +260,24 @@ def _tfds_hr_patches(data, hr_patch, seed, start_step, process_index, process_co
 
 
 def tfds_builder(data: ml_collections.ConfigDict):
-    """A prepared tfds builder, or a clear error at once (no minutes of offline download retries)."""
+    """A prepared tfds builder, or a clear error at once (no minutes of offline retries)."""
     import tensorflow_datasets as tfds
+
     builder = tfds.builder(data.name, data_dir=data.get('data_dir', '') or None)
     if not builder.is_prepared():
         if not data.get('download', False):
             raise FileNotFoundError(
                 f'tfds dataset {data.name!r} is not prepared in {builder.data_dir!r}; pass '
                 f'--config.data.data_dir=<dir with it> or --config.data.download=True, or use an '
-                f'image folder: --config.data.source=folder --config.data.path=<folder>')
+                f'image folder: --config.data.source=folder --config.data.path=<folder>'
+            )
         builder.download_and_prepare()
     return builder
 
 
 def describe(data: ml_collections.ConfigDict) -> str:
-    return {'embedded': 'scikit-image photos', 'folder': f'folder {data.get("path")}',
-                    'tfds': f'tfds {data.get("name")}'}.get(data.source, data.source)
+    return {
+        'embedded': 'scikit-image photos',
+        'folder': f'folder {data.get("path")}',
+        'tfds': f'tfds {data.get("name")}',
+    }.get(data.source, data.source)

@@ -51,6 +51,7 @@ Pair = Tuple[str, str]
 # ---------------------------------------------------------------------------------------------
 # Config checks (before any work is done).
 
+
 def active_losses(distill: ml_collections.ConfigDict) -> Dict[str, float]:
     """`{name: weight}` of the losses with non-zero weight; an unknown name lists the valid ones."""
     weights = dict(distill.losses)
@@ -62,8 +63,10 @@ def active_losses(distill: ml_collections.ConfigDict) -> Dict[str, float]:
             raise ValueError(f'distill.losses.{name} must be a weight >= 0, got {w!r}')
     active = {k: float(w) for k, w in weights.items() if w}
     if not active:
-        raise ValueError(f'config.distill.losses gives every loss weight 0; give at least one of '
-                         f'{", ".join(LOSSES)} a positive weight')
+        raise ValueError(
+            f'config.distill.losses gives every loss weight 0; give at least one of '
+            f'{", ".join(LOSSES)} a positive weight'
+        )
     return active
 
 
@@ -78,9 +81,11 @@ def feature_pairs(distill: ml_collections.ConfigDict) -> Tuple[Pair, ...]:
     return pairs
 
 
-def check_config(distill: ml_collections.ConfigDict,
-                 student_taps: Mapping[str, int] = None,
-                 teacher_taps: Mapping[str, int] = None) -> Dict[str, float]:
+def check_config(
+    distill: ml_collections.ConfigDict,
+    student_taps: Mapping[str, int] = None,
+    teacher_taps: Mapping[str, int] = None,
+) -> Dict[str, float]:
     """Validates `config.distill` and returns the active `{loss: weight}`.
 
     With the taps of both networks (`{name: channels}`) it also checks that every pair names taps
@@ -89,46 +94,61 @@ def check_config(distill: ml_collections.ConfigDict,
     active = active_losses(distill)
     access = distill.get('teacher_access', 'features')
     if access not in TEACHER_ACCESS:
-        raise ValueError(f'unknown distill.teacher_access {access!r}; valid: '
-                         f'{", ".join(TEACHER_ACCESS)}')
+        raise ValueError(
+            f'unknown distill.teacher_access {access!r}; valid: {", ".join(TEACHER_ACCESS)}'
+        )
     wanted = [n for n in active if n in FEATURE_LOSSES]
     if access == 'outputs' and wanted:
-        raise ValueError(f'distill.teacher_access=outputs allows only the teacher\'s SR outputs, '
-                         f'but losses {wanted} need its features; set their weights to 0 or use '
-                         f'teacher_access=features')
+        raise ValueError(
+            f"distill.teacher_access=outputs allows only the teacher's SR outputs, "
+            f'but losses {wanted} need its features; set their weights to 0 or use '
+            f'teacher_access=features'
+        )
     if 'upcycled' in active:
         kinds = tuple(distill.get('upcycle', UPCYCLE))
         bad = [k for k in kinds if k not in UPCYCLE]
         if bad or not kinds:
-            raise ValueError(f'distill.upcycle must be a non-empty subset of '
-                             f'{", ".join(UPCYCLE)}; got {list(kinds)}')
+            raise ValueError(
+                f'distill.upcycle must be a non-empty subset of '
+                f'{", ".join(UPCYCLE)}; got {list(kinds)}'
+            )
         labels = distill.get('upcycle_labels', 'teacher')
         if labels not in UPCYCLE_LABELS:
-            raise ValueError(f'unknown distill.upcycle_labels {labels!r}; valid: '
-                             f'{", ".join(UPCYCLE_LABELS)}')
+            raise ValueError(
+                f'unknown distill.upcycle_labels {labels!r}; valid: {", ".join(UPCYCLE_LABELS)}'
+            )
         if labels == 'ground_truth' and 'zoom_in' in kinds:
-            raise ValueError("distill.upcycle_labels='ground_truth' has no label for zoom_in "
-                             "inputs (they have no HR); set distill.upcycle=('zoom_out',)")
+            raise ValueError(
+                "distill.upcycle_labels='ground_truth' has no label for zoom_in "
+                "inputs (they have no HR); set distill.upcycle=('zoom_out',)"
+            )
     if distill.get('feature_distance', 'l1') not in FEATURE_DISTANCES:
-        raise ValueError(f'unknown distill.feature_distance {distill.feature_distance!r}; valid: '
-                         f'{", ".join(FEATURE_DISTANCES)}')
+        raise ValueError(
+            f'unknown distill.feature_distance {distill.feature_distance!r}; valid: '
+            f'{", ".join(FEATURE_DISTANCES)}'
+        )
     if wanted:
         pairs = feature_pairs(distill)
         if not pairs:
-            raise ValueError(f'losses {wanted} need config.distill.feature_pairs, a list of '
-                             f'(student tap, teacher tap), e.g. [("body", "body")]')
+            raise ValueError(
+                f'losses {wanted} need config.distill.feature_pairs, a list of '
+                f'(student tap, teacher tap), e.g. [("body", "body")]'
+            )
         for who, taps, index in (('student', student_taps, 0), ('teacher', teacher_taps, 1)):
             if taps is None:
                 continue
             for pair in pairs:
                 if pair[index] not in taps:
-                    raise ValueError(f'feature pair {pair}: the {who} has no tap {pair[index]!r}; '
-                                     f'valid: {", ".join(taps)}')
+                    raise ValueError(
+                        f'feature pair {pair}: the {who} has no tap {pair[index]!r}; '
+                        f'valid: {", ".join(taps)}'
+                    )
     return active
 
 
 # ---------------------------------------------------------------------------------------------
 # The losses, on NHWC arrays.
+
 
 def _safe_norm(x: jax.Array, axis) -> jax.Array:
     """L2 norm that is exactly 0 with a zero (not NaN) gradient where x is all zeros."""
@@ -146,13 +166,14 @@ def output_loss(sr: jax.Array, teacher_sr: jax.Array) -> jax.Array:
 
 
 def zoom_in_inputs(hr: jax.Array, patch: int, rng: jax.Array) -> jax.Array:
-    """Upcycled inputs: a random `patch` x `patch` crop of each HR image (N, H, W, C), used as LR."""
+    """Upcycled inputs: a random `patch`^2 crop of each HR image (N, H, W, C), used as LR."""
     n, h, w, _ = hr.shape
     if h < patch or w < patch:
         raise ValueError(f'HR crops of {h}x{w} are smaller than the zoom-in patch {patch}')
     corners = jax.random.randint(rng, (n, 2), 0, jnp.array([h - patch + 1, w - patch + 1]))
-    crop = lambda img, yx: jax.lax.dynamic_slice(img, (yx[0], yx[1], 0),
-                                                 (patch, patch, img.shape[-1]))
+    crop = lambda img, yx: jax.lax.dynamic_slice(
+        img, (yx[0], yx[1], 0), (patch, patch, img.shape[-1])
+    )
     return jax.vmap(crop)(hr, corners)
 
 
@@ -163,11 +184,14 @@ def zoom_out_inputs(lr: jax.Array, scale: int) -> jax.Array:
     return jnp.round(jnp.clip(small, 0.0, 1.0) * 255.0) / 255.0
 
 
-def upcycled_inputs(kinds: Sequence[str], lr: jax.Array, hr: jax.Array, scale: int,
-                    rng: jax.Array) -> Dict[str, jax.Array]:
+def upcycled_inputs(
+    kinds: Sequence[str], lr: jax.Array, hr: jax.Array, scale: int, rng: jax.Array
+) -> Dict[str, jax.Array]:
     """`{kind: inputs}` for the kinds of `config.distill.upcycle`."""
-    make = {'zoom_in': lambda: zoom_in_inputs(hr, lr.shape[1], rng),
-            'zoom_out': lambda: zoom_out_inputs(lr, scale)}
+    make = {
+        'zoom_in': lambda: zoom_in_inputs(hr, lr.shape[1], rng),
+        'zoom_out': lambda: zoom_out_inputs(lr, scale),
+    }
     return {k: make[k]() for k in kinds}
 
 
@@ -175,15 +199,21 @@ def adapter_name(pair: Pair) -> str:
     return f'{pair[0]}_to_{pair[1]}'
 
 
-def init_adapters(rng: jax.Array, pairs: Sequence[Pair], student_taps: Mapping[str, int],
-                  teacher_taps: Mapping[str, int]) -> Dict[str, Dict[str, jax.Array]]:
+def init_adapters(
+    rng: jax.Array,
+    pairs: Sequence[Pair],
+    student_taps: Mapping[str, int],
+    teacher_taps: Mapping[str, int],
+) -> Dict[str, Dict[str, jax.Array]]:
     """One 1x1 conv per pair (flax Conv layout: kernel (1, 1, C_s, C_t), bias (C_t,))."""
     init = nn.initializers.lecun_normal()
     adapters = {}
     for pair, key in zip(pairs, jax.random.split(rng, max(len(pairs), 1))):
         cs, ct = student_taps[pair[0]], teacher_taps[pair[1]]
-        adapters[adapter_name(pair)] = {'kernel': init(key, (1, 1, cs, ct), jnp.float32),
-                                        'bias': jnp.zeros((ct,), jnp.float32)}
+        adapters[adapter_name(pair)] = {
+            'kernel': init(key, (1, 1, cs, ct), jnp.float32),
+            'bias': jnp.zeros((ct,), jnp.float32),
+        }
     return adapters
 
 
@@ -192,8 +222,12 @@ def adapt(adapter: Mapping[str, jax.Array], f: jax.Array) -> jax.Array:
     return jnp.einsum('nhwc,cd->nhwd', f, adapter['kernel'][0, 0]) + adapter['bias']
 
 
-def feature_loss(student_f: jax.Array, teacher_f: jax.Array, adapter: Mapping[str, jax.Array],
-                 distance: str = 'l1') -> jax.Array:
+def feature_loss(
+    student_f: jax.Array,
+    teacher_f: jax.Array,
+    adapter: Mapping[str, jax.Array],
+    distance: str = 'l1',
+) -> jax.Array:
     """FitNet hint: mean |adapt(F_s) - F_t| (or its square with distance 'l2')."""
     diff = adapt(adapter, student_f) - jax.lax.stop_gradient(teacher_f)
     return jnp.mean(jnp.abs(diff) if distance == 'l1' else jnp.square(diff))
@@ -233,6 +267,7 @@ def attention_loss(student_f: jax.Array, teacher_f: jax.Array, p: float = 2.0) -
 # ---------------------------------------------------------------------------------------------
 # The weighted sum the trainer minimises.
 
+
 def make_loss(distill: ml_collections.ConfigDict):
     """`loss(sr, feats, teacher_sr, teacher_feats, hr, adapters, upcycled=None) -> (total, terms)`.
 
@@ -258,18 +293,25 @@ def make_loss(distill: ml_collections.ConfigDict):
                 terms[name] = output_loss(sr, teacher_sr)
             elif name == 'feature':
                 terms[name] = over_pairs(
-                    lambda pair, fs, ft: feature_loss(fs, ft, adapters[adapter_name(pair)],
-                                                      distance), feats, teacher_feats)
+                    lambda pair, fs, ft: feature_loss(
+                        fs, ft, adapters[adapter_name(pair)], distance
+                    ),
+                    feats,
+                    teacher_feats,
+                )
             elif name == 'affinity':
-                terms[name] = over_pairs(lambda _, fs, ft: affinity_loss(fs, ft), feats,
-                                         teacher_feats)
+                terms[name] = over_pairs(
+                    lambda _, fs, ft: affinity_loss(fs, ft), feats, teacher_feats
+                )
             elif name == 'attention':
-                terms[name] = over_pairs(lambda _, fs, ft: attention_loss(fs, ft, p), feats,
-                                         teacher_feats)
+                terms[name] = over_pairs(
+                    lambda _, fs, ft: attention_loss(fs, ft, p), feats, teacher_feats
+                )
             elif name == 'upcycled':
                 if upcycled is None:
-                    raise ValueError('the upcycled loss needs (student SR, label) of the '
-                                     'upcycled inputs')
+                    raise ValueError(
+                        'the upcycled loss needs (student SR, label) of the upcycled inputs'
+                    )
                 terms[name] = sum(output_loss(s, t) for s, t in upcycled) / len(upcycled)
         total = sum(active[name] * value for name, value in terms.items())
         return total, terms

@@ -81,8 +81,9 @@ def _cubic(x):
     # Keys cubic convolution kernel with a = -0.5 (MATLAB's 'bicubic').
     ax = np.abs(x)
     ax2, ax3 = ax * ax, ax * ax * ax
-    return ((1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1)
-            + (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * ((ax > 1) & (ax <= 2)))
+    return (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1) + (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * (
+        (ax > 1) & (ax <= 2)
+    )
 
 
 def _resize_matrix(in_len: int, out_len: int, scale: float) -> np.ndarray:
@@ -109,8 +110,7 @@ def _resize_matrix(in_len: int, out_len: int, scale: float) -> np.ndarray:
     mirror = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
     cols = mirror[np.mod(indices.astype(np.int64) - 1, 2 * in_len)]
     matrix = np.zeros((out_len, in_len))
-    np.add.at(matrix, (np.repeat(np.arange(out_len), taps), cols.ravel()),
-              weights.ravel())
+    np.add.at(matrix, (np.repeat(np.arange(out_len), taps), cols.ravel()), weights.ravel())
     return matrix
 
 
@@ -168,8 +168,9 @@ def resize_bicubic(x, shape):
     import jax  # local import: the host-side metrics do not need jax
 
     n, _, _, c = x.shape
-    return jax.image.resize(x, (n, int(shape[0]), int(shape[1]), c),
-                            method='bicubic', antialias=True)
+    return jax.image.resize(
+        x, (n, int(shape[0]), int(shape[1]), c), method='bicubic', antialias=True
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -232,8 +233,9 @@ def ssim_map(a, b, data_range: float = 255.0):
     var_a = _filter_valid(a * a, g) - mu_a * mu_a
     var_b = _filter_valid(b * b, g) - mu_b * mu_b
     cov = _filter_valid(a * b, g) - mu_a * mu_b
-    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2))
-            / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)))
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
+    )
 
 
 def ssim(sr, hr, scale: int, y_channel: bool = True) -> float:
@@ -246,5 +248,4 @@ def ssim(sr, hr, scale: int, y_channel: bool = True) -> float:
     b = _prepare(hr, y_channel, scale)
     if a.ndim == 2:
         return float(ssim_map(a, b).mean())
-    return float(np.mean([ssim_map(a[..., c], b[..., c]).mean()
-                          for c in range(a.shape[-1])]))
+    return float(np.mean([ssim_map(a[..., c], b[..., c]).mean() for c in range(a.shape[-1])]))

@@ -25,17 +25,17 @@ import os
 import sys
 
 ALLOCATOR_ENV = {
-    'MALLOC_ARENA_MAX': '1',                 # every thread allocates from the main (brk) heap,
-    'MALLOC_MMAP_MAX_': '0',                 # never from a fresh mmap,
+    'MALLOC_ARENA_MAX': '1',  # every thread allocates from the main (brk) heap,
+    'MALLOC_MMAP_MAX_': '0',  # never from a fresh mmap,
     'MALLOC_TRIM_THRESHOLD_': str(1 << 40),  # and freed memory stays mapped for the next step.
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuSettings:
-    xla_flags: str   # for XLA_FLAGS (device count excluded)
-    devices: int     # host devices for the data-parallel mesh (1: no split)
-    conv_impl: str   # sr_purify.models.layers implementation for the SR models
+    xla_flags: str  # for XLA_FLAGS (device count excluded)
+    devices: int  # host devices for the data-parallel mesh (1: no split)
+    conv_impl: str  # sr_purify.models.layers implementation for the SR models
 
 
 def cpu_settings(cores: int = 0) -> CpuSettings:
@@ -56,8 +56,14 @@ def cpu_only() -> bool:
     platforms = os.environ.get('JAX_PLATFORMS', '')
     if platforms:
         return platforms.split(',')[0].strip() == 'cpu'
-    plugins = ('jax_plugins.xla_cuda12', 'jax_plugins.xla_cuda13', 'jax_plugins.xla_rocm',
-               'jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
+    plugins = (
+        'jax_plugins.xla_cuda12',
+        'jax_plugins.xla_cuda13',
+        'jax_plugins.xla_rocm',
+        'jax_cuda12_plugin',
+        'jax_cuda13_plugin',
+        'libtpu',
+    )
     for name in plugins:
         try:
             if importlib.util.find_spec(name) is not None:
@@ -89,9 +95,14 @@ def reserve_callback_thread() -> bool:
         return False
     if 'jax' in sys.modules:
         from jax._src import xla_bridge
+
         if xla_bridge.backends_are_initialized():  # Too late to size the pool.
-            logging.warning('JAX already started: host callbacks on %d CPU devices may hang; '
-                            'set PJRT_NPROC=%d before starting', devices, devices + 1)
+            logging.warning(
+                'JAX already started: host callbacks on %d CPU devices may hang; '
+                'set PJRT_NPROC=%d before starting',
+                devices,
+                devices + 1,
+            )
             return False
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     if (cores or 1) > devices:
@@ -121,6 +132,6 @@ def apply_cpu_defaults(force: bool = False) -> bool:
     if 'jax' in sys.modules:
         raise RuntimeError('apply_cpu_defaults() must run before jax is imported')
     reexec_with_allocator_env()
-    flags = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(cpu_settings())}"
+    flags = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags(cpu_settings())}'
     os.environ['XLA_FLAGS'] = flags.strip()
     return True

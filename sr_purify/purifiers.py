@@ -57,6 +57,7 @@ class Purifier:
       trainable: whether there are parameters to train.
       module: the flax module of a trained kind (None otherwise).
     """
+
     kind: str
     raw: Callable[[PyTree, jax.Array], jax.Array]
     init: Callable[[jax.Array], PyTree]
@@ -73,10 +74,13 @@ class Purifier:
         """x' in [0, 1] with x's shape; `key` is required when `random`."""
         if self.input_noise > 0:
             if key is None:
-                raise ValueError(f'purifier {self.kind!r} with input_noise={self.input_noise} is '
-                                 'random and needs a PRNG key')
-            x = jnp.clip(x + self.input_noise * jax.random.normal(key, x.shape, x.dtype),
-                         min=0.0, max=1.0)
+                raise ValueError(
+                    f'purifier {self.kind!r} with input_noise={self.input_noise} is '
+                    'random and needs a PRNG key'
+                )
+            x = jnp.clip(
+                x + self.input_noise * jax.random.normal(key, x.shape, x.dtype), min=0.0, max=1.0
+            )
         y = self.raw(params, x)
         return jnp.clip(y, min=0.0, max=1.0) if self.clip else y
 
@@ -87,9 +91,11 @@ class Purifier:
 # ---------------------------------------------------------------------------------------------
 # JPEG on the host.
 
+
 def _jpeg_host(x: np.ndarray, quality: int) -> np.ndarray:
     """Encode + decode every image (any leading dims) with PIL at `quality`; float32 [0, 1]."""
     from PIL import Image
+
     x = np.asarray(x)
     flat = x.reshape((-1,) + x.shape[-3:])
     out = np.empty(flat.shape, np.float32)
@@ -110,19 +116,25 @@ def jpeg_compress(x: jax.Array, quality: int, mesh=None) -> jax.Array:
     share of the batch (sharded on 'data'): a callback on a batch sharded over several devices
     otherwise gathers it to one device, and with fake CPU devices that collective deadlocks.
     """
+
     def callback(v):
-        return jax.pure_callback(lambda a: _jpeg_host(a, quality),
-                                 jax.ShapeDtypeStruct(v.shape, v.dtype), v,
-                                 vmap_method='expand_dims')
+        return jax.pure_callback(
+            lambda a: _jpeg_host(a, quality),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            v,
+            vmap_method='expand_dims',
+        )
 
     if mesh is None or mesh.shape.get('data', 1) == 1:
         return callback(x)
     from jax.sharding import PartitionSpec as P
+
     return jax.shard_map(callback, mesh=mesh, in_specs=P('data'), out_specs=P('data'))(x)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building purifiers.
+
 
 def uses_host_callbacks(config: ml_collections.ConfigDict) -> bool:
     """True if a job config runs a purifier on the host (jpeg): see perf.reserve_callback_thread."""
@@ -140,18 +152,23 @@ def _check_kind(kind: str) -> str:
 def _downscale(x: jax.Array, scale: int) -> jax.Array:
     h, w = x.shape[1:3]
     if h % scale or w % scale:
-        raise ValueError(f'images of {h}x{w} are not divisible by the purifier scale {scale}; '
-                         f'use a scale that divides both')
+        raise ValueError(
+            f'images of {h}x{w} are not divisible by the purifier scale {scale}; '
+            f'use a scale that divides both'
+        )
     return image_ops.resize_bicubic(x, (h // scale, w // scale))
 
 
 def student_module(cfg: ml_collections.ConfigDict):
     """The SR student of an sr_resample purifier, from `cfg.student` (configs/student.py style)."""
     from sr_purify.trainers import distill  # Lazy: pulls in the SR data pipeline.
+
     student = distill.build_student(cfg.student)
     if student.scale != cfg.scale:
-        raise ValueError(f'purifier.scale is {cfg.scale} but the student is x{student.scale}; set '
-                         f'--config.purifier.student.scale={cfg.scale}')
+        raise ValueError(
+            f'purifier.scale is {cfg.scale} but the student is x{student.scale}; set '
+            f'--config.purifier.student.scale={cfg.scale}'
+        )
     return student
 
 
@@ -161,17 +178,23 @@ def build(cfg: ml_collections.ConfigDict, mesh=None) -> Purifier:
     noise = float(cfg.get('input_noise', 0.0))
     if noise < 0:
         raise ValueError(f'purifier.input_noise must be >= 0, got {noise}')
-    common = dict(kind=kind, random=kind in RANDOM or noise > 0,
-                  differentiable=kind not in NON_DIFFERENTIABLE, trainable=kind in TRAINABLE,
-                  input_noise=noise)
+    common = dict(
+        kind=kind,
+        random=kind in RANDOM or noise > 0,
+        differentiable=kind not in NON_DIFFERENTIABLE,
+        trainable=kind in TRAINABLE,
+        input_noise=noise,
+    )
     no_params = lambda rng: {}
     scale = int(cfg.get('scale', 2))
     if kind == 'none':
         return Purifier(raw=lambda p, x: x, init=no_params, clip=False, **common)
     if kind == 'bicubic_resample':
+
         def raw(params, x):
             del params
             return jax.image.resize(_downscale(x, scale), x.shape, method='bicubic')
+
         return Purifier(raw=raw, init=no_params, **common)
     if kind == 'jpeg':
         quality = int(cfg.get('jpeg_quality', 75))
@@ -188,6 +211,7 @@ def build(cfg: ml_collections.ConfigDict, mesh=None) -> Purifier:
 
         def init(rng):
             return student.init(rng, jnp.zeros((1, 16, 16, 3), jnp.float32))['params']
+
         return Purifier(raw=raw, init=init, module=student, **common)
     # nrp
     generator = models.build(ml_collections.ConfigDict(dict(name='nrp', **cfg.nrp.to_dict())))
@@ -200,8 +224,10 @@ def build(cfg: ml_collections.ConfigDict, mesh=None) -> Purifier:
         params = dict(params)
         params['tail_1'] = jax.tree.map(jnp.zeros_like, params['tail_1'])
         return params
-    return Purifier(raw=lambda p, x: generator.apply({'params': p}, x), init=init,
-                    module=generator, **common)
+
+    return Purifier(
+        raw=lambda p, x: generator.apply({'params': p}, x), init=init, module=generator, **common
+    )
 
 
 def student_directory(path: str) -> str:
@@ -214,9 +240,11 @@ def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.
     if purifier.kind != 'sr_resample':
         return purifier.init(rng)
     if not cfg.get('student_checkpoint', ''):
-        logging.warning('purifier sr_resample: no student_checkpoint given, so the SR network '
-                        'starts from a random initialisation (pass --config.purifier.'
-                        'student_checkpoint=<student workdir> to start from the distilled student)')
+        logging.warning(
+            'purifier sr_resample: no student_checkpoint given, so the SR network '
+            'starts from a random initialisation (pass --config.purifier.'
+            'student_checkpoint=<student workdir> to start from the distilled student)'
+        )
         return purifier.init(rng)
     directory = student_directory(cfg.student_checkpoint)
     params, step = checkpointing.restore_params(directory, purifier.abstract_params(), 'student')
@@ -228,18 +256,20 @@ def saved_config(checkpoint: str) -> ml_collections.ConfigDict:
     """The `purifier` section of a purifier job's config.json (its workdir or export folder)."""
     workdir = os.path.abspath(checkpoint)
     if os.path.basename(workdir) == 'purifier' and not os.path.exists(
-            os.path.join(workdir, 'config.json')):
+        os.path.join(workdir, 'config.json')
+    ):
         workdir = os.path.dirname(workdir)
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise FileNotFoundError(
             f'no purifier job in {checkpoint!r} (missing {path}); pass the workdir of a finished '
             f'purifier job, e.g. after python launch.py --config=configs/purifier.py '
-            f'--workdir=workdirs/purifier')
+            f'--workdir=workdirs/purifier'
+        )
     with open(path) as f:
         saved = json.load(f)
     if 'purifier' not in saved:
-        raise ValueError(f'{path} is not a purifier job\'s config (it has no purifier section)')
+        raise ValueError(f"{path} is not a purifier job's config (it has no purifier section)")
     return ml_collections.ConfigDict(saved['purifier'])
 
 
@@ -248,8 +278,11 @@ def restore(checkpoint: str, mesh=None) -> Tuple[Purifier, PyTree, ml_collection
     cfg = saved_config(checkpoint)
     purifier = build(cfg, mesh)
     workdir = os.path.abspath(checkpoint)
-    directory = os.path.join(workdir, 'purifier') if os.path.isdir(
-        os.path.join(workdir, 'purifier')) else workdir
+    directory = (
+        os.path.join(workdir, 'purifier')
+        if os.path.isdir(os.path.join(workdir, 'purifier'))
+        else workdir
+    )
     params, step = checkpointing.restore_params(directory, purifier.abstract_params(), 'purifier')
     return purifier, params, cfg, step
 
@@ -263,6 +296,7 @@ FEATURE_KINDS = ('random_cnn', 'classifier', 'teacher')
 @dataclasses.dataclass(frozen=True, eq=False)
 class FeatureExtractor:
     """`fn(params, x) -> features` with fixed `params`; `logits(params, x)` for classifier F."""
+
     kind: str
     fn: Callable[[PyTree, jax.Array], jax.Array]
     params: PyTree
@@ -276,22 +310,25 @@ def _pick_tap(feats: Dict[str, jax.Array], layer: str, what: str) -> jax.Array:
     return feats[layer]
 
 
-def build_feature(cfg: ml_collections.ConfigDict,
-                  image_shape: Tuple[int, int, int] = (32, 32, 3)) -> FeatureExtractor:
+def build_feature(
+    cfg: ml_collections.ConfigDict, image_shape: Tuple[int, int, int] = (32, 32, 3)
+) -> FeatureExtractor:
     """F from `config.purifier.feature`; its parameters are restored or initialised here, once."""
     kind = registry.lookup({k: k for k in FEATURE_KINDS}, cfg.kind, 'feature extractor')
     x = jnp.zeros((1, *image_shape), jnp.float32)
     if kind == 'random_cnn':
-        net = models.build(ml_collections.ConfigDict(dict(name='random_cnn',
-                                                          **cfg.random_cnn.to_dict())))
+        net = models.build(
+            ml_collections.ConfigDict(dict(name='random_cnn', **cfg.random_cnn.to_dict()))
+        )
         params = net.init(jax.random.key(cfg.get('seed', 0)), x)
         return FeatureExtractor(kind, net.apply, params, source=f'random_cnn seed {cfg.seed}')
     if kind == 'classifier':
         from sr_purify.trainers import classifier as classifier_trainer
+
         net = models.build(cfg.classifier)
         variables, step = classifier_trainer.restore(
-            cfg.checkpoint, cfg.classifier, image_shape,
-            flag='--config.purifier.feature.checkpoint')
+            cfg.checkpoint, cfg.classifier, image_shape, flag='--config.purifier.feature.checkpoint'
+        )
         _, feats = jax.eval_shape(lambda: net.apply(variables, x, return_features=True))
         _pick_tap(feats, cfg.layer, f'classifier {cfg.classifier.name}')
         layer = cfg.layer
@@ -301,8 +338,14 @@ def build_feature(cfg: ml_collections.ConfigDict,
 
         def logits(v, images):
             return net.apply(v, images, train=False)
-        return FeatureExtractor(kind, fn, variables, logits,
-                                source=f'{cfg.classifier.name} {cfg.checkpoint} step {step}')
+
+        return FeatureExtractor(
+            kind,
+            fn,
+            variables,
+            logits,
+            source=f'{cfg.classifier.name} {cfg.checkpoint} step {step}',
+        )
     # teacher: the SR network's features of the image itself (as an LR input).
     net = models.build(cfg.teacher)
     abstract = jax.eval_shape(lambda: net.init(jax.random.key(0), x))['params']
@@ -313,4 +356,5 @@ def build_feature(cfg: ml_collections.ConfigDict,
 
     def fn(p, images):
         return net.apply({'params': p}, images, return_features=True)[1][layer]
+
     return FeatureExtractor(kind, fn, params, source=f'teacher {cfg.checkpoint} step {step}')

@@ -4,9 +4,8 @@ Only process 0 writes; the other processes get no-op writers.
 """
 
 import json
-import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -27,14 +26,16 @@ def check_workdir(workdir: str) -> None:
             f.write('ok')
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f'workdir {workdir!r} is not writable ({e.strerror}); pass a '
-                              f'writable --workdir') from None
+        raise PermissionError(
+            f'workdir {workdir!r} is not writable ({e.strerror}); pass a writable --workdir'
+        ) from None
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard events + log lines on process 0, log lines only (no files) elsewhere."""
-    return metric_writers.create_default_writer(workdir, just_logging=not is_writer(),
-                                                asynchronous=True)
+    return metric_writers.create_default_writer(
+        workdir, just_logging=not is_writer(), asynchronous=True
+    )
 
 
 def write_json(workdir: str, name: str, obj: Any) -> Optional[str]:
@@ -89,6 +90,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         if isinstance(v, float):
             return f'{v:.3f}' if abs(v) < 1e4 else f'{v:.3g}'
         return str(v)
+
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
     return '\n'.join(lines)
@@ -102,6 +104,7 @@ def write_text(workdir: str, name: str, text: str) -> None:
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
     """Tiles HxWx3 float [0,1] (or uint8) images, each row padded to the widest/tallest tile."""
+
     def u8(im):
         im = np.asarray(im)
         if im.ndim == 2:
@@ -109,6 +112,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray
         if im.dtype != np.uint8:
             im = np.round(np.clip(im, 0, 1) * 255).astype(np.uint8)
         return im
+
     rows = [[u8(im) for im in row] for row in rows]
     th = max(im.shape[0] for row in rows for im in row)
     tw = max(im.shape[1] for row in rows for im in row)
@@ -117,16 +121,22 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             y, x = pad + r * (th + pad), pad + c * (tw + pad)
-            grid[y:y + im.shape[0], x:x + im.shape[1]] = im
+            grid[y : y + im.shape[0], x : x + im.shape[1]] = im
     return grid
 
 
-def write_grid(workdir: str, name: str, grid: np.ndarray,
-               writer: Optional[metric_writers.MetricWriter] = None, step: int = 0) -> None:
+def write_grid(
+    workdir: str,
+    name: str,
+    grid: np.ndarray,
+    writer: Optional[metric_writers.MetricWriter] = None,
+    step: int = 0,
+) -> None:
     """PNG in the workdir and, given a writer, a TensorBoard image."""
     if not is_writer():
         return
     from PIL import Image
+
     Image.fromarray(grid).save(os.path.join(workdir, name))
     if writer is not None:
         writer.write_images(step, {os.path.splitext(name)[0]: grid[None]})

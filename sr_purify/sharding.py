@@ -7,7 +7,8 @@ from typing import Any, Sequence, Tuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(axes: Sequence[Tuple[str, int]] = (('data', -1),)) -> Mesh:
@@ -27,8 +28,10 @@ def make_mesh(axes: Sequence[Tuple[str, int]] = (('data', -1),)) -> Mesh:
     if need > n:
         raise ValueError(f'mesh {axes} needs {need} devices; there are {n}')
     if need < n and jax.process_count() > 1:
-        raise ValueError(f'mesh {axes} uses {need} of {n} devices; a multi-process run must use '
-                         f'all of them (use -1 for the data axis)')
+        raise ValueError(
+            f'mesh {axes} uses {need} of {n} devices; a multi-process run must use '
+            f'all of them (use -1 for the data axis)'
+        )
     # An explicit smaller mesh (e.g. [('data', 1)]) takes the first devices.
     devices = np.asarray(jax.devices()[:need]).reshape(sizes)
     return Mesh(devices, names)
@@ -46,15 +49,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(global_batch: int, mesh: Mesh) -> None:
     n = mesh.shape['data']
     if global_batch % n:
-        raise ValueError(f'global batch {global_batch} is not divisible by the {n} devices of the '
-                         f"'data' mesh axis; use a multiple of {n}")
+        raise ValueError(
+            f'global batch {global_batch} is not divisible by the {n} devices of the '
+            f"'data' mesh axis; use a multiple of {n}"
+        )
 
 
 def to_global(local_batch: Any, mesh: Mesh) -> Any:
     """Process-local numpy batch -> global jax arrays sharded on 'data' (multi-host safe)."""
     sharding = data_sharding(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def to_host(tree: Any) -> Any:
@@ -63,6 +69,7 @@ def to_host(tree: Any) -> Any:
     A replicated array that spans processes is not fully addressable, so `jax.device_get` would
     fail on it; its first local shard is the whole value. Sharded arrays are gathered.
     """
+
     def one(x):
         if not isinstance(x, jax.Array):
             return np.asarray(x)
@@ -71,5 +78,7 @@ def to_host(tree: Any) -> Any:
         if x.sharding.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
     return jax.tree.map(one, tree)

@@ -35,8 +35,10 @@ from sr_purify import checkpointing, registry, reporting, sharding
 PyTree = Any
 # loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, extra_metrics));
 # with `fit(..., frozen=tree)` it takes the frozen tree as a fifth argument.
-LossFn = Callable[[PyTree, PyTree, Dict[str, jax.Array], jax.Array],
-                  Tuple[jax.Array, Tuple[PyTree, Dict[str, jax.Array]]]]
+LossFn = Callable[
+    [PyTree, PyTree, Dict[str, jax.Array], jax.Array],
+    Tuple[jax.Array, Tuple[PyTree, Dict[str, jax.Array]]],
+]
 
 
 @flax.struct.dataclass
@@ -63,37 +65,56 @@ class FitResult:
 # ---------------------------------------------------------------------------------------------
 # Optimiser from the config.
 
+
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     lr, warmup = optim.lr, optim.get('warmup_steps', 0)
     kinds = {
         'constant': lambda: optax.constant_schedule(lr),
         'cosine': lambda: optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * optim.get('end_factor', 0.0)),
+            0.0,
+            lr,
+            warmup,
+            max(total_steps, warmup + 1),
+            end_value=lr * optim.get('end_factor', 0.0),
+        ),
         # EDSR's schedule: halve every `decay_every` steps.
-        'step': lambda: optax.exponential_decay(lr, optim.get('decay_every', 200_000), 0.5,
-                                                staircase=True),
+        'step': lambda: optax.exponential_decay(
+            lr, optim.get('decay_every', 200_000), 0.5, staircase=True
+        ),
     }
     schedule = registry.lookup(kinds, optim.get('schedule', 'constant'), 'lr schedule')()
     if warmup and optim.get('schedule', 'constant') != 'cosine':
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup]
+        )
     return schedule
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int
+) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(optim, total_steps)
     # `decay_kernels_only`: no weight decay on 1-D parameters (biases, BatchNorm scales/offsets).
-    decay_mask = ((lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
-                  if optim.get('decay_kernels_only', False) else None)
+    decay_mask = (
+        (lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+        if optim.get('decay_kernels_only', False)
+        else None
+    )
     kinds = {
-        'adam': lambda: optax.adam(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
-                                   eps=optim.get('eps', 1e-8)),
-        'adamw': lambda: optax.adamw(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
-                                     weight_decay=optim.get('weight_decay', 1e-4),
-                                     mask=decay_mask),
+        'adam': lambda: optax.adam(
+            schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999), eps=optim.get('eps', 1e-8)
+        ),
+        'adamw': lambda: optax.adamw(
+            schedule,
+            b1=optim.get('b1', 0.9),
+            b2=optim.get('b2', 0.999),
+            weight_decay=optim.get('weight_decay', 1e-4),
+            mask=decay_mask,
+        ),
         'sgd': lambda: optax.chain(
             optax.add_decayed_weights(optim.get('weight_decay', 0.0), mask=decay_mask),
-            optax.sgd(schedule, momentum=optim.get('momentum', 0.9), nesterov=True)),
+            optax.sgd(schedule, momentum=optim.get('momentum', 0.9), nesterov=True),
+        ),
     }
     tx = registry.lookup(kinds, optim.name, 'optimizer')()
     if optim.get('grad_clip_norm', 0.0):
@@ -104,13 +125,21 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
 # ---------------------------------------------------------------------------------------------
 # State creation (shape first, then shard, then create) and the compiled step.
 
-def create_state(init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
-                 tx: optax.GradientTransformation, mesh, rng: jax.Array
-                 ) -> Tuple[TrainState, Any]:
+
+def create_state(
+    init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
+    tx: optax.GradientTransformation,
+    mesh,
+    rng: jax.Array,
+) -> Tuple[TrainState, Any]:
     def init(rng):
         params, model_state = init_variables(rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), model_state=model_state)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            model_state=model_state,
+        )
 
     abstract = jax.eval_shape(init, rng)
     state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
@@ -118,21 +147,26 @@ def create_state(init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
     return state, state_sharding
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule):
     """The pure update step: `(state, batch, rng[, frozen]) -> (state, metrics)`."""
 
     def train_step(state: TrainState, batch, rng, *frozen):
         step_rng = jax.random.fold_in(rng, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (model_state, extra)), grads = grad_fn(state.params, state.model_state, batch,
-                                                      step_rng, *frozen)
+        (loss, (model_state, extra)), grads = grad_fn(
+            state.params, state.model_state, batch, step_rng, *frozen
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  model_state=model_state)
-        metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-                   'learning_rate': schedule(state.step), **extra}
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
+        )
+        metrics = {
+            'loss': loss,
+            'grad_norm': optax.global_norm(grads),
+            'learning_rate': schedule(state.step),
+            **extra,
+        }
         return new_state, metrics
 
     return train_step
@@ -140,20 +174,24 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
 def compile_step(train_step, mesh, state_sharding, num_frozen: int = 0):
     replicated = sharding.replicated(mesh)
-    return jax.jit(train_step,
-                   in_shardings=(state_sharding, sharding.data_sharding(mesh), replicated)
-                   + (replicated,) * num_frozen,
-                   out_shardings=(state_sharding, replicated),
-                   donate_argnums=0)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, sharding.data_sharding(mesh), replicated)
+        + (replicated,) * num_frozen,
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
 
 
 def abstract_with_sharding(state: TrainState, state_sharding) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, state_sharding)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Preemption.
+
 
 class _StopSignal:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and returns."""
@@ -173,8 +211,9 @@ class _StopSignal:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # A second Ctrl-C stops at once.
         self.received = signum
-        logging.warning('received %s: finishing the current step, then saving',
-                        signal.Signals(signum).name)
+        logging.warning(
+            'received %s: finishing the current step, then saving', signal.Signals(signum).name
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -184,14 +223,19 @@ class _StopSignal:
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def fit(config: ml_collections.ConfigDict, workdir: str, *,
-        init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
-        loss_fn: LossFn,
-        batches: Callable[[int], Iterator[Dict[str, np.ndarray]]],
-        evaluate: Optional[Callable[[TrainState, int], Dict[str, float]]] = None,
-        checkpoint_dir: Optional[str] = None,
-        frozen: Optional[PyTree] = None,
-        writer=None) -> FitResult:
+
+def fit(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    init_variables: Callable[[jax.Array], Tuple[PyTree, PyTree]],
+    loss_fn: LossFn,
+    batches: Callable[[int], Iterator[Dict[str, np.ndarray]]],
+    evaluate: Optional[Callable[[TrainState, int], Dict[str, float]]] = None,
+    checkpoint_dir: Optional[str] = None,
+    frozen: Optional[PyTree] = None,
+    writer=None,
+) -> FitResult:
     """Trains `config.total_steps` steps (resuming if a checkpoint exists) and returns the state.
 
     `batches(start_step)` yields process-local numpy batches from `start_step` on. `frozen` is a
@@ -210,23 +254,37 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
     init_rng, step_rng = jax.random.split(rng)
     state, state_sharding = create_state(init_variables, tx, mesh, init_rng)
 
-    ckpt = checkpointing.Checkpointer(checkpoint_dir or os.path.join(workdir, 'checkpoints'),
-                                      max_to_keep=config.get('keep_checkpoints', 3))
-    restored, restored_step = ckpt.restore(abstract_with_sharding(state, state_sharding),
-                                          quarantine=True)
+    ckpt = checkpointing.Checkpointer(
+        checkpoint_dir or os.path.join(workdir, 'checkpoints'),
+        max_to_keep=config.get('keep_checkpoints', 3),
+    )
+    restored, restored_step = ckpt.restore(
+        abstract_with_sharding(state, state_sharding), quarantine=True
+    )
     if restored is not None:
         state = restored
         logging.info('resumed from checkpoint step %d', restored_step)
     start_step = int(sharding.to_host(state.step))
 
     # Every process holds the whole frozen tree: its local data is the global (replicated) array.
-    frozen_args = () if frozen is None else (jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding.replicated(mesh),
-                                                         np.asarray(x)), frozen),)
-    step_fn = compile_step(make_train_step(loss_fn, tx, schedule), mesh, state_sharding,
-                           len(frozen_args))
-    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                               every_steps=config.get('log_every', 50))
+    frozen_args = (
+        ()
+        if frozen is None
+        else (
+            jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(
+                    sharding.replicated(mesh), np.asarray(x)
+                ),
+                frozen,
+            ),
+        )
+    )
+    step_fn = compile_step(
+        make_train_step(loss_fn, tx, schedule), mesh, state_sharding, len(frozen_args)
+    )
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.get('log_every', 50)
+    )
     log_every = config.get('log_every', 50)
     eval_every = config.get('eval_every', 0)
     ckpt_every = config.get('checkpoint_every', 1000)
@@ -239,8 +297,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
         if not np.isfinite(loss):
             raise NonFiniteLossError(
                 f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint is '
-                f'step {last_saved} in {ckpt.directory}' if last_saved is not None else
-                f'non-finite loss {loss} at step {step}; stopping (no checkpoint was saved yet)')
+                f'step {last_saved} in {ckpt.directory}'
+                if last_saved is not None
+                else f'non-finite loss {loss} at step {step}; stopping (no checkpoint saved yet)'
+            )
 
     pending = None  # (step, metrics) of the previous step: checked one step late, no stall.
     try:
@@ -263,7 +323,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
                     check_finite(metrics, step)
                     writer.write_scalars(step, sharding.to_host(metrics))
                 stop_now = stop.received is not None or (
-                    jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
+                    jax.process_count() > 1 and ckpt.manager.reached_preemption(step)
+                )
                 if step % ckpt_every == 0 or is_last or stop_now:
                     check_finite(metrics, step)
                     ckpt.save(step, state)
@@ -281,5 +342,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *,
         writer.flush()
     elapsed = time.time() - t_loop if t_loop else 0.0
     steps_per_sec = steps_done / elapsed if elapsed > 0 else float('nan')
-    return FitResult(state=state, step=int(sharding.to_host(state.step)), preempted=preempted,
-                     steps_per_sec=steps_per_sec, wall_s=time.time() - t_start)
+    return FitResult(
+        state=state,
+        step=int(sharding.to_host(state.step)),
+        preempted=preempted,
+        steps_per_sec=steps_per_sec,
+        wall_s=time.time() - t_start,
+    )

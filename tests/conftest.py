@@ -19,6 +19,7 @@ CIFAR_JPEG = SHARED / 'data' / 'cifar10-jpeg'
 def tiny_sr_config(trainer: str = 'teacher') -> ml_collections.ConfigDict:
     """A teacher config small enough for a few steps in a test."""
     from configs import teacher
+
     c = teacher.get_config()
     c.model.num_blocks = 2
     c.model.features = 8

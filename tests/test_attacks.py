@@ -86,7 +86,8 @@ def trained():
     def step(_, carry):
         params, opt_state = carry
         loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply(p, x_train), y_train).mean()
+            model.apply(p, x_train), y_train
+        ).mean()
         updates, opt_state = tx.update(jax.grad(loss)(params), opt_state)
         return optax.apply_updates(params, updates), opt_state
 
@@ -157,8 +158,9 @@ def test_strength_ordering(trained):
     eps = 8 / 255
     clean = accuracy(fn, params, x, y)
     acc_fgsm = accuracy(fn, params, run('fgsm', fn, params, x, key, y, eps=eps), y)
-    acc_pgd = accuracy(fn, params, run('pgd', fn, params, x, key, y, eps=eps, steps=10,
-                                       step_size=eps / 4), y)
+    acc_pgd = accuracy(
+        fn, params, run('pgd', fn, params, x, key, y, eps=eps, steps=10, step_size=eps / 4), y
+    )
     acc_apgd = accuracy(fn, params, run('apgd', fn, params, x, key, y, eps=eps, steps=20), y)
     mi = run('mifgsm', fn, params, x, key, y, eps=eps, steps=10)
     acc_mi = accuracy(fn, params, mi, y)
@@ -206,8 +208,18 @@ def test_restarts_keep_worst_case(trained):
 def test_targeted_pgd_reaches_target(trained):
     fn, params, x, y = trained
     target = (y + 1) % NUM_CLASSES
-    x_adv = run('pgd', fn, params, x, rng(9), target, eps=32 / 255, steps=20,
-                step_size=4 / 255, targeted=True)
+    x_adv = run(
+        'pgd',
+        fn,
+        params,
+        x,
+        rng(9),
+        target,
+        eps=32 / 255,
+        steps=20,
+        step_size=4 / 255,
+        targeted=True,
+    )
     hit = jnp.mean(jnp.argmax(fn(params, x_adv), -1) == target)
     assert float(hit) >= 0.9
 
@@ -272,8 +284,9 @@ def test_eot_gradient_is_mean_of_per_draw_gradients():
     keys = jax.random.split(key, n)
     # The definition, draw by draw with the same keys. A Python loop, not vmap:
     # rbg keys draw different numbers under vmap.
-    grad_one = jax.jit(lambda k, loss: jax.grad(lambda x_: loss(toy(None, x_, k)).sum())(x),
-                       static_argnums=1)
+    grad_one = jax.jit(
+        lambda k, loss: jax.grad(lambda x_: loss(toy(None, x_, k)).sum())(x), static_argnums=1
+    )
     per_draw_grads = lambda loss: jnp.stack([grad_one(k, loss) for k in keys])
     identity = lambda out: out
     by_hand = per_draw_grads(identity).mean(0)
@@ -300,8 +313,9 @@ def test_attacks_draw_fresh_randomness_every_step():
     seen = []
 
     def noisy(params, x, key):
-        jax.debug.callback(lambda k: seen.append(tuple(np.asarray(k).ravel())),
-                           jax.random.key_data(key))
+        jax.debug.callback(
+            lambda k: seen.append(tuple(np.asarray(k).ravel())), jax.random.key_data(key)
+        )
         return MLP().apply(params, x + 0.01 * noise(key, x.shape))
 
     x = jax.random.uniform(rng(20), (4,) + SHAPE)
@@ -322,8 +336,9 @@ def test_bpda_forward_is_forward_and_gradient_is_backward():
     # Without BPDA the gradient of round is zero everywhere.
     np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(w * jnp.round(v)))(x), 0 * w)
     # A custom backward and extra non-differentiated arguments (a key here).
-    noisy_round = attacks.bpda(lambda v, k: jnp.round(v + jax.random.uniform(k, v.shape)),
-                               backward=lambda v, k: 2.0 * v)
+    noisy_round = attacks.bpda(
+        lambda v, k: jnp.round(v + jax.random.uniform(k, v.shape)), backward=lambda v, k: 2.0 * v
+    )
     g = jax.jit(jax.grad(lambda v: jnp.sum(w * noisy_round(v, rng(0)))))(x)
     np.testing.assert_allclose(g, 2.0 * w)
 
@@ -346,15 +361,18 @@ def test_jitted_attack_does_not_retrace(trained):
     assert first.shape == second.shape == x.shape
 
 
-@pytest.mark.parametrize('overrides,message', [
-    (dict(name='pgdd'), "unknown attack 'pgdd'; valid: apgd, fgsm, mifgsm, pgd, sr, ssp"),
-    (dict(norm='l3'), "unknown norm 'l3'; valid: l2, linf"),
-    (dict(eps=-0.1), 'invalid eps -0.1; valid: a number >= 0'),
-    (dict(step_size=-1.0), 'invalid step_size -1.0; valid: a number >= 0'),
-    (dict(steps=-1), 'invalid steps -1; valid: an int >= 0'),
-    (dict(restarts=0), 'invalid restarts 0; valid: an int >= 1'),
-    (dict(name='mifgsm', restarts=3), 'restarts=3 has no effect on'),
-])
+@pytest.mark.parametrize(
+    'overrides,message',
+    [
+        (dict(name='pgdd'), "unknown attack 'pgdd'; valid: apgd, fgsm, mifgsm, pgd, sr, ssp"),
+        (dict(norm='l3'), "unknown norm 'l3'; valid: l2, linf"),
+        (dict(eps=-0.1), 'invalid eps -0.1; valid: a number >= 0'),
+        (dict(step_size=-1.0), 'invalid step_size -1.0; valid: a number >= 0'),
+        (dict(steps=-1), 'invalid steps -1; valid: an int >= 0'),
+        (dict(restarts=0), 'invalid restarts 0; valid: an int >= 1'),
+        (dict(name='mifgsm', restarts=3), 'restarts=3 has no effect on'),
+    ],
+)
 def test_validate_names_bad_value_and_choices(overrides, message):
     with pytest.raises(ValueError) as info:
         attacks.validate(attacks.attack_config(**overrides))
@@ -366,8 +384,13 @@ def test_validate_names_bad_value_and_choices(overrides, message):
 
 def test_config_defaults_and_locking():
     cfg = attacks.attack_config()
-    assert (cfg.name, cfg.norm, cfg.eps, cfg.steps, cfg.step_size) == ('pgd', 'linf', 8 / 255, 10,
-                                                                        None)
+    assert (cfg.name, cfg.norm, cfg.eps, cfg.steps, cfg.step_size) == (
+        'pgd',
+        'linf',
+        8 / 255,
+        10,
+        None,
+    )
     # Each norm gets its own budget, and PGD's step follows it (2.5 eps / steps).
     assert attacks.attack_config(norm='l2').eps == 0.5
     assert cfg.random_start and cfg.restarts == 1 and not cfg.targeted and cfg.eot_samples == 1

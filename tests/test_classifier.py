@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import RecordingWriter
-from sr_purify import attacks, classification_data as cdata
+
+from sr_purify import attacks
+from sr_purify import classification_data as cdata
 from sr_purify.trainers import classifier as classifier_trainer
 
 # Created in this order on purpose: labels must follow the sorted names (apple 0, mango 1, zebra 2).
@@ -27,8 +28,15 @@ def _indexed_split(n=40, size=8):
 
 
 def _train(split, n=3, start=0, seed=0, process_index=0, process_count=1, **kw):
-    it = cdata.train_batches(split, global_batch=8, seed=seed, start_step=start,
-                             process_index=process_index, process_count=process_count, **kw)
+    it = cdata.train_batches(
+        split,
+        global_batch=8,
+        seed=seed,
+        start_step=start,
+        process_index=process_index,
+        process_count=process_count,
+        **kw,
+    )
     return [next(it) for _ in range(n)]
 
 
@@ -36,6 +44,7 @@ def _train(split, n=3, start=0, seed=0, process_index=0, process_count=1, **kw):
 def image_folder(tmp_path_factory):
     """<root>/{train,test}/<class>/*.jpg: one colour per class plus noise, 32x32 JPEGs."""
     from PIL import Image
+
     root = tmp_path_factory.mktemp('folder')
     rng = np.random.default_rng(0)
     for split, count in (('train', 24), ('test', 8)):
@@ -44,12 +53,14 @@ def image_folder(tmp_path_factory):
             for i in range(count):
                 pixels = np.asarray(COLOURS[c], np.float32) + rng.normal(0, 30, (32, 32, 3))
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-                    root / split / c / f'{i:03d}.jpg', quality=95)
+                    root / split / c / f'{i:03d}.jpg', quality=95
+                )
     return root
 
 
 def _data_config(path, cache_dir):
     from configs import classifier
+
     data = classifier.data_config(eval_examples=0)
     data.path, data.cache_dir, data.source = str(path), str(cache_dir), 'folder'
     return data
@@ -103,11 +114,14 @@ def test_eval_batches_pad_and_mask_every_example_once():
     assert mask.sum() == 37 and mask[:37].all()
     ids = np.concatenate([np.round(b['image'][:, 0, 0, 0] * 255) for b in batches])[mask > 0]
     np.testing.assert_array_equal(ids, np.arange(37))
-    np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[mask > 0],
-                                  split.labels)
+    np.testing.assert_array_equal(
+        np.concatenate([b['label'] for b in batches])[mask > 0], split.labels
+    )
     # Two processes: their slices of each global batch concatenate to the one-process batch.
-    parts = [list(cdata.eval_batches(split, global_batch=8, process_index=p, process_count=2))
-             for p in (0, 1)]
+    parts = [
+        list(cdata.eval_batches(split, global_batch=8, process_index=p, process_count=2))
+        for p in (0, 1)
+    ]
     for i, b in enumerate(batches):
         for k in b:
             np.testing.assert_array_equal(np.concatenate([parts[0][i][k], parts[1][i][k]]), b[k])
@@ -156,8 +170,11 @@ def test_missing_data_fails_at_once_naming_the_flag(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'not found.*--config.data.path='):
         cdata.load_split(data, 'train')
     data.source, data.data_dir = 'auto', str(tmp_path / 'tfds')  # No folder and no tfds either.
-    with pytest.raises(FileNotFoundError, match=r"tfds 'cifar10' is not prepared.*"
-                                                r"--config.data.path="):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"tfds 'cifar10' is not prepared.*"
+        r'--config.data.path=',
+    ):
         cdata.load_split(data, 'train')
     data.source = 'tfds'
     with pytest.raises(FileNotFoundError, match='not prepared.*--config.data.download=True'):
@@ -174,6 +191,7 @@ def test_missing_data_fails_at_once_naming_the_flag(tmp_path):
 
 def _classifier_config(folder, cache, model='resnet', steps=2):
     from configs import classifier
+
     c = classifier.get_config('small_cnn' if model == 'small_cnn' else None)
     if model == 'resnet':
         c.model.depth = 8
@@ -223,6 +241,7 @@ def trained_cnn(image_folder, tmp_path_factory):
 
 def _attack_config(cfg, root):
     from configs import evaluate
+
     c = evaluate.get_config('attack,small_cnn')
     c.classifier.model = cfg.model
     c.classifier.checkpoint = str(root / 'wd')
@@ -246,22 +265,28 @@ def test_attack_evaluation_reports_consistent_accuracies(trained_cnn, tmp_path):
     cfg, root = trained_cnn
     config = _attack_config(cfg, root)
     from sr_purify.evaluators import run as evaluate_job
+
     result = evaluate_job.train_and_evaluate(config, str(tmp_path))
 
     # Clean accuracy by hand on the same 24 test images.
     from sr_purify import models
+
     variables, _ = classifier_trainer.restore(str(root / 'wd'), cfg.model)
     test = cdata.load_split(cfg.data, 'test')
-    logits = models.build(cfg.model).apply(variables, jnp.asarray(test.images / 255.0,
-                                                                  jnp.float32))
+    logits = models.build(cfg.model).apply(variables, jnp.asarray(test.images / 255.0, jnp.float32))
     by_hand = float(np.mean(np.argmax(logits, -1) == test.labels))
     assert result['examples'] == 24
     assert result['clean']['accuracy'] == pytest.approx(by_hand)
     assert by_hand > 0.5  # The easy colour task was learnt, so attacks have something to break.
 
     per = result['per_attack']
-    assert list(per) == ['fgsm linf 96/255', 'pgd linf 96/255 x3', 'pgd linf 0/255 x2',
-                         'mifgsm linf 96/255 x2', 'apgd linf 96/255 x4']
+    assert list(per) == [
+        'fgsm linf 96/255',
+        'pgd linf 96/255 x3',
+        'pgd linf 0/255 x2',
+        'mifgsm linf 96/255 x2',
+        'apgd linf 96/255 x4',
+    ]
     assert per['pgd linf 0/255 x2']['accuracy'] == result['clean']['accuracy']
     assert per['pgd linf 0/255 x2']['mean_linf'] == 0.0
     for label, r in per.items():
@@ -273,7 +298,7 @@ def test_attack_evaluation_reports_consistent_accuracies(trained_cnn, tmp_path):
     saved = json.load(open(tmp_path / 'results.json'))['attacks']
     assert saved['clean']['accuracy'] == result['clean']['accuracy']
     table = open(tmp_path / 'attacks_table.md').read()
-    assert f"| clean | {result['clean']['accuracy']:.3f} |" in table
+    assert f'| clean | {result["clean"]["accuracy"]:.3f} |' in table
     assert '0.5 + 10 x delta' in table
     assert (tmp_path / 'attacks_grid.png').exists()
 
@@ -281,15 +306,18 @@ def test_attack_evaluation_reports_consistent_accuracies(trained_cnn, tmp_path):
 def test_attack_evaluation_without_a_checkpoint_fails_at_once_naming_the_flag(tmp_path):
     from configs import evaluate
     from sr_purify.evaluators import run as evaluate_job
+
     config = evaluate.get_config('attack')
     config.classifier.checkpoint = str(tmp_path / 'nothing')
-    with pytest.raises(FileNotFoundError,
-                       match=r'no classifier checkpoint .*--config.classifier.checkpoint='):
+    with pytest.raises(
+        FileNotFoundError, match=r'no classifier checkpoint .*--config.classifier.checkpoint='
+    ):
         evaluate_job.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
 def test_configs_build_and_reject_unknown_variants():
     from configs import classifier, evaluate
+
     assert classifier.get_config().model.depth == 20
     full = classifier.get_config('full')
     assert full.total_steps == 64_000 and full.data.train_examples == 0

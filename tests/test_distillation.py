@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from conftest import REPO, RecordingWriter, tiny_sr_config
+
 from configs import evaluate as evaluate_config
 from configs import student as student_config
 from sr_purify import checkpointing, distillation, models
@@ -34,18 +34,19 @@ def _f(values) -> jax.Array:
 
 # --- each loss on hand-made features ----------------------------------------------------------
 
+
 def test_pixel_and_output_losses_by_hand():
-    sr = _f([[[[1.], [2.]], [[3.], [4.]]]])                      # 1x2x2x1
+    sr = _f([[[[1.0], [2.0]], [[3.0], [4.0]]]])  # 1x2x2x1
     assert float(distillation.pixel_loss(sr, jnp.zeros_like(sr))) == pytest.approx(2.5)
-    teacher = _f([[[[1.], [1.]], [[1.], [1.]]]])
+    teacher = _f([[[[1.0], [1.0]], [[1.0], [1.0]]]])
     assert float(distillation.output_loss(sr, teacher)) == pytest.approx((0 + 1 + 2 + 3) / 4)
     assert float(distillation.output_loss(sr, sr)) == 0.0
 
 
 def test_feature_loss_by_hand_and_zero_with_identity_adapter():
-    fs = _f([[[[1.], [0.]], [[0.], [1.]]]])                      # student: 1 channel
-    ft = jnp.zeros((1, 2, 2, 2))                                  # teacher: 2 channels
-    adapter = {'kernel': _f([[[[2., -1.]]]]), 'bias': _f([0.5, 0.])}
+    fs = _f([[[[1.0], [0.0]], [[0.0], [1.0]]]])  # student: 1 channel
+    ft = jnp.zeros((1, 2, 2, 2))  # teacher: 2 channels
+    adapter = {'kernel': _f([[[[2.0, -1.0]]]]), 'bias': _f([0.5, 0.0])}
     # adapt(fs) = (2 fs + 0.5, -fs): |.| = 2.5, 0.5, 0.5, 2.5 and 1, 0, 0, 1 -> 8 / 8 entries.
     assert float(distillation.feature_loss(fs, ft, adapter, 'l1')) == pytest.approx(1.0)
     # Squares: 6.25 + 0.25 + 0.25 + 6.25 + 1 + 0 + 0 + 1 = 15 over 8 entries.
@@ -54,8 +55,9 @@ def test_feature_loss_by_hand_and_zero_with_identity_adapter():
     identity = {'kernel': jnp.eye(4)[None, None], 'bias': jnp.zeros(4)}
     assert float(distillation.feature_loss(f, f, identity)) == 0.0
     # Adapters from init_adapters have the flax Conv 1x1 layout, C_s -> C_t.
-    adapters = distillation.init_adapters(jax.random.key(0, impl='rbg'), PAIRS,
-                                          {'block_1': 4, 'body': 4}, {'block_2': 8, 'body': 8})
+    adapters = distillation.init_adapters(
+        jax.random.key(0, impl='rbg'), PAIRS, {'block_1': 4, 'body': 4}, {'block_2': 8, 'body': 8}
+    )
     assert set(adapters) == {'block_1_to_block_2', 'body_to_body'}
     assert adapters['body_to_body']['kernel'].shape == (1, 1, 4, 8)
 
@@ -63,10 +65,11 @@ def test_feature_loss_by_hand_and_zero_with_identity_adapter():
 def test_affinity_loss_by_hand():
     # Two positions. Teacher: (3, 4) and (1, 0) -> unit vectors (0.6, 0.8), (1, 0): A_t off-diagonal
     # 0.6. Student (3 channels, no adapter needed): (0, 2, 0), (5, 0, 0) are orthogonal: A_s = I.
-    ft = _f([[[[3., 4.], [1., 0.]]]])                             # 1x1x2x2
-    fs = _f([[[[0., 2., 0.], [5., 0., 0.]]]])                     # 1x1x2x3
-    np.testing.assert_allclose(distillation.spatial_affinity(ft)[0], [[1., .6], [.6, 1.]],
-                               atol=1e-6)
+    ft = _f([[[[3.0, 4.0], [1.0, 0.0]]]])  # 1x1x2x2
+    fs = _f([[[[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]]]])  # 1x1x2x3
+    np.testing.assert_allclose(
+        distillation.spatial_affinity(ft)[0], [[1.0, 0.6], [0.6, 1.0]], atol=1e-6
+    )
     np.testing.assert_allclose(distillation.spatial_affinity(fs)[0], np.eye(2), atol=1e-6)
     # Mean |A_s - A_t| over the 2 x 2 entries: (0 + 0.6 + 0.6 + 0) / 4.
     assert float(distillation.affinity_loss(fs, ft)) == pytest.approx(0.3, abs=1e-6)
@@ -77,9 +80,9 @@ def test_attention_loss_by_hand_and_finite_gradient_at_zero():
     # Teacher positions (2, 2) and (0, 0): mean of squares 4 and 0 -> a_t = (1, 0). Student
     # (1 channel) 0 and 3 -> a_s = (0, 1): ||a_s - a_t||_2 = sqrt(2). A second, agreeing example
     # contributes 0, so the batch mean is sqrt(2) / 2.
-    ft = _f([[[[2., 2.], [0., 0.]]], [[[1., 1.], [1., 1.]]]])     # 2x1x2x2
-    fs = _f([[[[0.], [3.]]], [[[1.], [1.]]]])                     # 2x1x2x1
-    np.testing.assert_allclose(distillation.attention_map(ft)[0], [1., 0.], atol=1e-7)
+    ft = _f([[[[2.0, 2.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # 2x1x2x2
+    fs = _f([[[[0.0], [3.0]]], [[[1.0], [1.0]]]])  # 2x1x2x1
+    np.testing.assert_allclose(distillation.attention_map(ft)[0], [1.0, 0.0], atol=1e-7)
     assert float(distillation.attention_loss(fs, ft)) == pytest.approx(np.sqrt(2) / 2, abs=1e-6)
     assert float(distillation.attention_loss(ft, ft)) == 0.0
     # At agreement the gradient is exactly 0, not NaN (the norm of a zero difference).
@@ -96,14 +99,15 @@ def test_weighted_total_and_unknown_loss_name():
     feats = {'block_1': normal(4), 'body': normal(4)}
     tfeats = {'block_2': normal(8), 'body': normal(8)}
     sr, tsr, hr = (jnp.asarray(rng.uniform(size=(2, 6, 6, 3)), jnp.float32) for _ in range(3))
-    adapters = distillation.init_adapters(jax.random.key(0, impl='rbg'), PAIRS,
-                                          {'block_1': 4, 'body': 4}, {'block_2': 8, 'body': 8})
+    adapters = distillation.init_adapters(
+        jax.random.key(0, impl='rbg'), PAIRS, {'block_1': 4, 'body': 4}, {'block_2': 8, 'body': 8}
+    )
     weights = dict(pixel=1.0, output=0.5, feature=2.0, affinity=10.0, attention=3.0)
-    total, terms = distillation.make_loss(_distill(**weights))(sr, feats, tsr, tfeats, hr,
-                                                               adapters)
+    total, terms = distillation.make_loss(_distill(**weights))(sr, feats, tsr, tfeats, hr, adapters)
     assert set(terms) == set(weights)
-    assert float(total) == pytest.approx(sum(weights[k] * float(terms[k]) for k in weights),
-                                         rel=1e-6)
+    assert float(total) == pytest.approx(
+        sum(weights[k] * float(terms[k]) for k in weights), rel=1e-6
+    )
     # Feature losses average over the pairs.
     expected = np.mean([float(distillation.affinity_loss(feats[s], tfeats[t])) for s, t in PAIRS])
     assert float(terms['affinity']) == pytest.approx(expected, rel=1e-6)
@@ -114,8 +118,11 @@ def test_weighted_total_and_unknown_loss_name():
     bad = _distill(pixel=1.0)
     with bad.unlocked():
         bad.losses.kd = 1.0
-    with pytest.raises(ValueError, match=r"unknown distillation loss 'kd'; valid: pixel, output, "
-                                         r"feature, affinity, attention"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown distillation loss 'kd'; valid: pixel, output, "
+        r'feature, affinity, attention',
+    ):
         distillation.check_config(bad)
     with pytest.raises(ValueError, match='every loss weight 0'):
         distillation.check_config(_distill())
@@ -127,8 +134,9 @@ def test_upcycled_inputs_are_hr_crops_and_8_bit_downscales():
     zoom_in = np.asarray(distillation.zoom_in_inputs(hr, 6, jax.random.key(3)))
     assert zoom_in.shape == (4, 6, 6, 3)
     for image, crop in zip(np.asarray(hr), zoom_in):  # Each one is a crop of its own HR patch.
-        assert any(np.array_equal(image[y:y + 6, x:x + 6], crop)
-                   for y in range(7) for x in range(7))
+        assert any(
+            np.array_equal(image[y : y + 6, x : x + 6], crop) for y in range(7) for x in range(7)
+        )
     lr = jnp.full((2, 8, 8, 3), 100 / 255.0)
     zoom_out = np.asarray(distillation.zoom_out_inputs(lr, 2))
     assert zoom_out.shape == (2, 4, 4, 3)
@@ -136,19 +144,22 @@ def test_upcycled_inputs_are_hr_crops_and_8_bit_downscales():
     zoom_out = np.asarray(distillation.zoom_out_inputs(hr, 3))
     assert zoom_out.shape == (4, 4, 4, 3)
     np.testing.assert_allclose(zoom_out * 255, np.round(zoom_out * 255), atol=1e-4)
-    both = distillation.upcycled_inputs(distillation.UPCYCLE, hr[:, :6, :6], hr, 2,
-                                        jax.random.key(0))
-    assert {k: v.shape for k, v in both.items()} == {'zoom_in': (4, 6, 6, 3),
-                                                     'zoom_out': (4, 3, 3, 3)}
+    both = distillation.upcycled_inputs(
+        distillation.UPCYCLE, hr[:, :6, :6], hr, 2, jax.random.key(0)
+    )
+    assert {k: v.shape for k, v in both.items()} == {
+        'zoom_in': (4, 6, 6, 3),
+        'zoom_out': (4, 3, 3, 3),
+    }
 
 
 def test_upcycled_loss_averages_the_kinds_and_needs_only_outputs():
     c = _distill(upcycled=2.0)
     c.teacher_access = 'outputs'  # Teacher outputs are all it needs.
     assert distillation.check_config(c) == {'upcycled': 2.0}
-    a, b = _f([[[[1.], [3.]]]]), _f([[[[0.], [0.]]]])
+    a, b = _f([[[[1.0], [3.0]]]]), _f([[[[0.0], [0.0]]]])
     total, terms = distillation.make_loss(c)(a, {}, a, {}, a, {}, [(a, b), (b, b)])
-    assert float(terms['upcycled']) == pytest.approx((2.0 + 0.0) / 2)   # (|1|+|3|)/2, then 0
+    assert float(terms['upcycled']) == pytest.approx((2.0 + 0.0) / 2)  # (|1|+|3|)/2, then 0
     assert float(total) == pytest.approx(2.0)
     _, terms = distillation.make_loss(c)(a, {}, a, {}, a, {}, [(a, a)])
     assert float(terms['upcycled']) == 0.0
@@ -172,8 +183,11 @@ def test_outputs_mode_refuses_feature_losses_in_one_line(tmp_path):
     for name in distillation.FEATURE_LOSSES:
         c = _distill(pixel=1.0, output=1.0, **{name: 1.0})
         c.teacher_access = 'outputs'
-        with pytest.raises(ValueError, match=rf"teacher_access=outputs .* losses \['{name}'\] "
-                                             r'need its features') as e:
+        with pytest.raises(
+            ValueError,
+            match=rf"teacher_access=outputs .* losses \['{name}'\] "
+            r'need its features',
+        ) as e:
             distillation.check_config(c)
         assert '\n' not in str(e.value)
     ok = _distill(pixel=1.0, output=1.0)
@@ -196,6 +210,7 @@ def test_unknown_tap_lists_the_valid_ones():
 
 # --- configs ----------------------------------------------------------------------------------
 
+
 def _param_count(model_config) -> int:
     model = models.build(model_config)
     params, _ = distill.abstract_params_and_taps(model)
@@ -212,8 +227,10 @@ def test_default_student_is_slim_edsr_11x_smaller_and_matches_the_evaluate_confi
     assert evaluate_config.get_config('sr,student').model.to_dict() == flat.to_dict()
 
 
-@pytest.mark.parametrize('variant,name', [('imdn', 'imdn'), ('fsrcnn', 'fsrcnn'),
-                                          ('full', 'edsr'), ('full,imdn,scale=4', 'imdn')])
+@pytest.mark.parametrize(
+    'variant,name',
+    [('imdn', 'imdn'), ('fsrcnn', 'fsrcnn'), ('full', 'edsr'), ('full,imdn,scale=4', 'imdn')],
+)
 def test_variants_build_and_their_feature_pairs_exist(variant, name):
     c = student_config.get_config(variant)
     assert c.model.name == name and c.teacher.model.scale == c.model.scale
@@ -232,11 +249,12 @@ def test_variants_build_and_their_feature_pairs_exist(variant, name):
 
 # --- the job end to end -----------------------------------------------------------------------
 
+
 def _tiny_job(eval_dir=None) -> ml_collections.ConfigDict:
     c = student_config.get_config()
-    c.teacher = tiny_sr_config()          # EDSR 2 blocks x 8 features
+    c.teacher = tiny_sr_config()  # EDSR 2 blocks x 8 features
     c.teacher.checkpoint = ''
-    c.teacher.checkpoint_every = 2        # One save per run: orbax saves cost seconds here.
+    c.teacher.checkpoint_every = 2  # One save per run: orbax saves cost seconds here.
     c.model.edsr.num_blocks = 1
     c.model.edsr.features = 4
     c.data.patch = 8
@@ -263,6 +281,7 @@ def job(tmp_path_factory):
     eval_dir = tmp_path_factory.mktemp('eval')
     rng = np.random.default_rng(0)
     from PIL import Image
+
     Image.fromarray(rng.integers(0, 256, (36, 44, 3), np.uint8)).save(eval_dir / 'colour.png')
     Image.fromarray(rng.integers(0, 256, (36, 44), np.uint8)).save(eval_dir / 'gray.png')
     workdir = tmp_path_factory.mktemp('student')
@@ -302,8 +321,10 @@ def _saved(directory):
         state, _ = ckpt.restore(None)
     finally:
         ckpt.close()
-    return {checkpointing._path_str(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    return {
+        checkpointing._path_str(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
 
 
 def _size(arrays) -> int:
@@ -317,8 +338,10 @@ def test_no_teacher_array_in_the_student_or_training_checkpoints(job):
     teacher, _ = checkpointing.restore_params(str(workdir / 'teacher'), teacher_abstract)
     teacher_arrays = [np.asarray(x) for x in jax.tree.leaves(teacher)]
     student_abstract, _ = distill.abstract_params_and_taps(distill.build_student(config.model))
-    student_paths = {'params/' + checkpointing._path_str(p)
-                     for p, _ in jax.tree_util.tree_flatten_with_path(student_abstract)[0]}
+    student_paths = {
+        'params/' + checkpointing._path_str(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(student_abstract)[0]
+    }
     n_student = _size(jax.tree.leaves(student_abstract))
     n_adapters = _size(jax.tree.leaves(result.state.params['adapters']))
     n_teacher = _size(teacher_arrays)
@@ -366,10 +389,12 @@ def test_missing_or_mismatched_teacher_checkpoint_names_the_path_or_parameter(jo
         distill.train_and_evaluate(missing, str(tmp_path / 'a'), writer=RecordingWriter())
     wider = _tiny_job()
     wider.teacher.checkpoint = str(workdir / 'teacher')
-    wider.teacher.model.features = 16     # The checkpoint's teacher has 8.
-    with pytest.raises(checkpointing.CheckpointMismatchError,
-                       match=r'teacher.*parameter \S+ has shape \(.*8.*\), the config builds '
-                             r'\(.*16.*\)'):
+    wider.teacher.model.features = 16  # The checkpoint's teacher has 8.
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r'teacher.*parameter \S+ has shape \(.*8.*\), the config builds '
+        r'\(.*16.*\)',
+    ):
         distill.train_and_evaluate(wider, str(tmp_path / 'b'), writer=RecordingWriter())
     assert not (tmp_path / 'b' / 'checkpoints').exists()
 
@@ -377,7 +402,7 @@ def test_missing_or_mismatched_teacher_checkpoint_names_the_path_or_parameter(jo
 def test_checkpoints_from_8_devices_restore_on_1(job):
     # A teacher trained on a bigger host (here the 8 fake devices) restores where there is one.
     config, workdir, _, _ = job
-    code = f'''
+    code = f"""
 import jax
 from ml_collections import ConfigDict
 from sr_purify import checkpointing, models
@@ -388,11 +413,13 @@ abstract, _ = distill.abstract_params_and_taps(teacher)
 _, step = checkpointing.restore_params({str(workdir / 'teacher')!r}, abstract, 'teacher')
 distill.load_student(ConfigDict({config.model.to_dict()!r}), {str(workdir / 'student')!r})
 print('restored', step)
-'''
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-               JAX_PLATFORMS='cpu')
-    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+"""
+    env = dict(
+        os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu'
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'restored 2' in proc.stdout
 

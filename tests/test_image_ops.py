@@ -24,12 +24,15 @@ def _pair(rng, shape=(48, 40, 3), noise=20.0):
 
 # --- colour, cropping, quantization -----------------------------------------
 
+
 def test_rgb_to_y_exact_pixels():
-    px = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0],
-                    [0, 255, 0], [0, 0, 255]]], dtype=np.float64)
+    px = np.array(
+        [[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.float64
+    )
     y = ops.rgb_to_y(px)
     np.testing.assert_allclose(
-        y[0], [16.0, 235.0, 16 + 65.481, 16 + 128.553, 16 + 24.966], atol=1e-12)
+        y[0], [16.0, 235.0, 16 + 65.481, 16 + 128.553, 16 + 24.966], atol=1e-12
+    )
     # NHWC batch gives the same per image.
     np.testing.assert_allclose(ops.rgb_to_y(px[None])[0], y, atol=0)
     # Grayscale (2-D) is scored as its gray value.
@@ -60,6 +63,7 @@ def test_quantize():
 
 # --- PSNR / SSIM ------------------------------------------------------------
 
+
 def test_psnr_closed_form():
     hr = np.zeros((20, 24, 3), np.uint8)
     sr = hr.copy()
@@ -68,7 +72,8 @@ def test_psnr_closed_form():
     assert ops.psnr(sr, hr, 2) == pytest.approx(10 * math.log10(255**2 / dy**2), abs=1e-10)
     # On RGB: one of three channels off by 10 -> MSE = 100 / 3.
     assert ops.psnr(sr, hr, 2, y_channel=False) == pytest.approx(
-        10 * math.log10(255**2 / (100 / 3)), abs=1e-10)
+        10 * math.log10(255**2 / (100 / 3)), abs=1e-10
+    )
 
 
 def test_psnr_identical_and_shave():
@@ -76,7 +81,7 @@ def test_psnr_identical_and_shave():
     hr = rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)
     assert ops.psnr(hr, hr, 4) == math.inf
     sr = hr.copy()
-    sr[:4] = 255 - sr[:4]          # damage only the 4-pixel border ...
+    sr[:4] = 255 - sr[:4]  # damage only the 4-pixel border ...
     sr[:, -4:] = 255 - sr[:, -4:]
     assert ops.psnr(sr, hr, 4) == math.inf  # ... which scale 4 shaves off
     assert math.isfinite(ops.psnr(sr, hr, 3))  # but scale 3 does not
@@ -108,8 +113,14 @@ def test_psnr_ssim_match_skimage(shape):
     # window, so inside that border no padded pixel is touched: its map there equals
     # our 'valid' map, and its mean is the mean over exactly our valid region.
     ref_ssim, ref_map = structural_similarity(
-        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        data_range=255, full=True)
+        a,
+        b,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+        full=True,
+    )
     ours_map = ops.ssim_map(a, b)
     assert ours_map.shape == (a.shape[0] - 10, a.shape[1] - 10)
     np.testing.assert_allclose(ours_map, ref_map[5:-5, 5:-5], rtol=1e-9, atol=1e-12)
@@ -119,6 +130,7 @@ def test_psnr_ssim_match_skimage(shape):
 
 
 # --- imresize (MATLAB) and resize_bicubic (jax) -----------------------------
+
 
 @pytest.mark.parametrize('scale', [1 / 4, 1 / 3, 1 / 2, 2, 3, 4])
 def test_imresize_constant_stays_constant(scale):

@@ -16,17 +16,31 @@ def test_matmul_conv_matches_xla(kernel, cin, cout):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 9, 11, cin)), jnp.float32)
     w = jnp.asarray(rng.normal(size=kernel + (cin, cout)), jnp.float32)
-    ref = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
-                                   precision='highest')
-    got = layers.conv_general_dilated_matmul(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
-                                             precision='highest')
+    ref = lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
+    )
+    got = layers.conv_general_dilated_matmul(
+        x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     # Gradients too (the training path differentiates through the patches).
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * ref)
-    g_ref = jax.grad(loss(lambda x, w: lax.conv_general_dilated(
-        x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest')), (0, 1))(x, w)
-    g_got = jax.grad(loss(lambda x, w: layers.conv_general_dilated_matmul(
-        x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest')), (0, 1))(x, w)
+    g_ref = jax.grad(
+        loss(
+            lambda x, w: lax.conv_general_dilated(
+                x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
+            )
+        ),
+        (0, 1),
+    )(x, w)
+    g_got = jax.grad(
+        loss(
+            lambda x, w: layers.conv_general_dilated_matmul(
+                x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
+            )
+        ),
+        (0, 1),
+    )(x, w)
     for a, b in zip(g_got, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 

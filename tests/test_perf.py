@@ -7,17 +7,25 @@ import sys
 from sr_purify import perf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = ('import os, sys; from sr_purify import perf; applied = perf.apply_cpu_defaults(); '
-         'import jax; print(applied, jax.device_count(), os.environ.get("MALLOC_ARENA_MAX"), '
-         'os.environ.get("XLA_FLAGS", ""), sep="|")')
+PROBE = (
+    'import os, sys; from sr_purify import perf; applied = perf.apply_cpu_defaults(); '
+    'import jax; print(applied, jax.device_count(), os.environ.get("MALLOC_ARENA_MAX"), '
+    'os.environ.get("XLA_FLAGS", ""), sep="|")'
+)
 
 
 def probe(env_changes):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('XLA_FLAGS', *perf.ALLOCATOR_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', *perf.ALLOCATOR_ENV)}
     env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **env_changes)
-    out = subprocess.run([sys.executable, '-c', PROBE], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, '-c', PROBE],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return out.strip().splitlines()[-1].split('|')
 
 
@@ -32,7 +40,8 @@ def test_cpu_defaults_apply_when_the_user_set_no_xla_flags():
 
 def test_user_xla_flags_win():
     applied, devices, arena, flags = probe(
-        {'XLA_FLAGS': '--xla_force_host_platform_device_count=3'})
+        {'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}
+    )
     assert (applied, devices, arena) == ('False', '3', 'None')
     assert flags == '--xla_force_host_platform_device_count=3'
 
@@ -42,10 +51,11 @@ def test_settings_follow_the_core_count():
     assert perf.cpu_settings(cores=2).devices == 2
     assert perf.xla_flags(perf.CpuSettings('', 1, 'xla')) == ''
     assert perf.xla_flags(perf.CpuSettings('--a', 2, 'xla')) == (
-        '--a --xla_force_host_platform_device_count=2')
+        '--a --xla_force_host_platform_device_count=2'
+    )
 
 
-JPEG_PROBE = '''
+JPEG_PROBE = """
 import os
 from sr_purify import perf, purifiers, sharding
 import jax, jax.numpy as jnp, ml_collections, numpy as np
@@ -57,17 +67,25 @@ loss = lambda x: jnp.sum(p.purify({}, x, jax.random.key(0)) ** 2)
 for _ in range(3):  # Forward and the BPDA backward, as the adaptive attacker runs them.
     jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(x))
 print('done')
-'''
+"""
 
 
 def test_jpeg_purifier_on_two_host_devices_does_not_hang():
     # Without the reserved thread this hangs on 2 devices and 2 cores (each device's host
     # callback holds one of XLA's pool threads); the timeout turns a hang into a failure.
     env = {k: v for k, v in os.environ.items() if k != 'PJRT_NPROC'}
-    env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
-               XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    out = subprocess.run([sys.executable, '-c', JPEG_PROBE], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    env.update(
+        JAX_PLATFORMS='cpu', PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=2'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', JPEG_PROBE],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.strip().endswith('done')
     if len(os.sched_getaffinity(0)) <= 2:
         assert 'reserved True 3' in out
@@ -77,6 +95,7 @@ def test_only_host_callback_jobs_reserve_a_thread():
     from configs import evaluate as evaluate_config
     from configs import purifier as purifier_config
     from sr_purify import purifiers
+
     assert purifiers.uses_host_callbacks(evaluate_config.get_config('robustness'))
     assert not purifiers.uses_host_callbacks(purifier_config.get_config('nrp'))
     assert not purifiers.uses_host_callbacks(evaluate_config.get_config('attack'))

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from conftest import RecordingWriter
+
 from configs import evaluate as evaluate_config
 from configs import purifier as purifier_config
-from sr_purify import attacks, classification_data as cdata, purifiers, sharding, training
+from sr_purify import attacks, purifiers, sharding, training
+from sr_purify import classification_data as cdata
 from sr_purify.evaluators import robustness
 from sr_purify.trainers import purifier as purifier_trainer
 
@@ -26,8 +27,7 @@ def tiny_purifier_cfg(kind: str) -> ml_collections.ConfigDict:
     cfg = purifier_config.purifier_config(kind)
     cfg.student.edsr.num_blocks = 1
     cfg.student.edsr.features = 8
-    cfg.nrp = dict(num_blocks=1, features=8, growth=8, num_dense=1, dense_layers=2,
-                   res_scale=0.2)
+    cfg.nrp = dict(num_blocks=1, features=8, growth=8, num_dense=1, dense_layers=2, res_scale=0.2)
     cfg.feature.random_cnn = dict(features=8, num_layers=2, num_downsample=1)
     return cfg
 
@@ -35,16 +35,20 @@ def tiny_purifier_cfg(kind: str) -> ml_collections.ConfigDict:
 def smooth_images(rng, n, size):
     """Random smooth colour images: coarse noise resized up with bicubic (PIL), uint8."""
     from PIL import Image
+
     coarse = rng.integers(0, 256, (n, max(size // 6, 2), max(size // 6, 2), 3)).astype(np.uint8)
-    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.BICUBIC))
-                     for c in coarse])
+    return np.stack(
+        [np.asarray(Image.fromarray(c).resize((size, size), Image.BICUBIC)) for c in coarse]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The purifier job: no labels, loss falls, export restores.
 
+
 def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
     from PIL import Image
+
     folder = tmp_path / 'images'
     folder.mkdir()
     # Piecewise-constant blocks: sharp edges that bicubic resampling blurs and SR can restore.
@@ -86,8 +90,7 @@ def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
             seen['traced'] += 1
             return loss_fn(params, model_state, batch, rng, *frozen)
 
-        return real_fit(config, workdir, batches=no_label_batches, loss_fn=no_label_loss,
-                        **kwargs)
+        return real_fit(config, workdir, batches=no_label_batches, loss_fn=no_label_loss, **kwargs)
 
     monkeypatch.setattr(training, 'fit', checking_fit)
     writer = RecordingWriter()
@@ -107,23 +110,28 @@ def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
     # The export restores from the workdir alone (architecture from its config.json).
     p, params, cfg, step = purifiers.restore(workdir)
     assert p.kind == 'sr_resample' and step == 24
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sharding.to_host(
-            result.state.params))):
+    for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(sharding.to_host(result.state.params))
+    ):
         np.testing.assert_array_equal(a, b)
 
 
 def test_purifier_job_refuses_untrainable_kind_and_bad_mix():
     c = purifier_config.get_config()
     c.purifier.kind = 'jpeg'
-    with pytest.raises(ValueError, match=r"kind 'jpeg' has no parameters to train; valid: nrp, "
-                                         r"sr_resample"):
+    with pytest.raises(
+        ValueError,
+        match=r"kind 'jpeg' has no parameters to train; valid: nrp, "
+        r'sr_resample',
+    ):
         purifier_trainer.check_config(c)
     c = purifier_config.get_config()
     c.perturb.pgd = 0.5
     with pytest.raises(ValueError, match='needs purifier.feature.kind=classifier'):
         purifier_trainer.check_config(c)
-    assert purifier_trainer.mix_counts(ml_collections.ConfigDict(
-        dict(ssp=0.5, pgd=0.25, noise=0.25)), 8) == (4, 2, 2)
+    assert purifier_trainer.mix_counts(
+        ml_collections.ConfigDict(dict(ssp=0.5, pgd=0.25, noise=0.25)), 8
+    ) == (4, 2, 2)
 
 
 def test_victim_recipe_is_label_free_and_asks_for_the_victim():
@@ -139,6 +147,7 @@ def test_victim_recipe_is_label_free_and_asks_for_the_victim():
 
 # ---------------------------------------------------------------------------------------------
 # Every kind: forward and backward.
+
 
 @pytest.mark.parametrize('kind', purifiers.KINDS)
 def test_each_kind_runs_forward_and_backward(kind):
@@ -158,8 +167,9 @@ def test_each_kind_runs_forward_and_backward(kind):
         np.testing.assert_allclose(np.asarray(gx), np.asarray(w), rtol=0, atol=0)
     if kind == 'jpeg':
         assert float(jnp.abs(y - x).max()) > 1 / 255  # It really compresses.
-        np.testing.assert_allclose(np.asarray(y), purifiers._jpeg_host(np.asarray(x), 75),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(y), purifiers._jpeg_host(np.asarray(x), 75), atol=1e-6
+        )
     if p.trainable:
         gp = jax.grad(lambda q: jnp.sum(w * p.raw(q, x)))(params)
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(gp))
@@ -182,47 +192,81 @@ def test_jpeg_on_a_sharded_batch_and_random_purifier_needs_a_key():
         noisy.purify({}, x)
     a, b = (noisy.purify({}, x, jax.random.key(k)) for k in (0, 1))
     assert float(jnp.abs(a - b).max()) > 0
-    with pytest.raises(ValueError, match=r"unknown purifier kind 'median'; valid: "
-                                         r"bicubic_resample, jpeg, none, nrp, sr_resample"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown purifier kind 'median'; valid: "
+        r'bicubic_resample, jpeg, none, nrp, sr_resample',
+    ):
         purifiers.build(tiny_purifier_cfg('median'))
 
 
 # ---------------------------------------------------------------------------------------------
 # Sanity checks catch planted violations.
 
+
 def passing_results():
     n = 100
-    attacks_meta = [dict(label=f'pgd linf {k}/255 x10', name='pgd', norm='linf', eps=k / 255,
-                         steps=10) for k in (4, 8)]
+    attacks_meta = [
+        dict(label=f'pgd linf {k}/255 x10', name='pgd', norm='linf', eps=k / 255, steps=10)
+        for k in (4, 8)
+    ]
     labels = [a['label'] for a in attacks_meta]
     row = lambda clean, obl, ad, tr: {
-        'clean': clean, 'gradient': {'norm': 1.5, 'finite': True, 'via': 'exact'},
-        'eps0': {'examples': 50, 'clean': 0.86, 'oblivious': 0.86, 'adaptive': 0.86,
-                 'transfer': 0.86},
-        'oblivious': dict(zip(labels, obl)), 'adaptive': dict(zip(labels, ad)),
-        'transfer': dict(zip(labels, tr))}
-    return {'examples': n, 'clean': 0.9, 'attacks': attacks_meta, 'purifiers': {
-        'none': row(0.9, (0.2, 0.0), (0.2, 0.0), (0.7, 0.5)),
-        'sr': row(0.85, (0.7, 0.6), (0.3, 0.1), (0.8, 0.7))}}
+        'clean': clean,
+        'gradient': {'norm': 1.5, 'finite': True, 'via': 'exact'},
+        'eps0': {
+            'examples': 50,
+            'clean': 0.86,
+            'oblivious': 0.86,
+            'adaptive': 0.86,
+            'transfer': 0.86,
+        },
+        'oblivious': dict(zip(labels, obl)),
+        'adaptive': dict(zip(labels, ad)),
+        'transfer': dict(zip(labels, tr)),
+    }
+    return {
+        'examples': n,
+        'clean': 0.9,
+        'attacks': attacks_meta,
+        'purifiers': {
+            'none': row(0.9, (0.2, 0.0), (0.2, 0.0), (0.7, 0.5)),
+            'sr': row(0.85, (0.7, 0.6), (0.3, 0.1), (0.8, 0.7)),
+        },
+    }
 
 
-@pytest.mark.parametrize('check,plant', [
-    ('eps0', lambda r: r['purifiers']['sr']['eps0'].update({'adaptive': 0.5})),
-    ('monotone', lambda r: r['purifiers']['sr']['oblivious'].update(
-        {'pgd linf 8/255 x10': 0.75})),
-    ('adaptive_vs_oblivious', lambda r: r['purifiers']['sr']['adaptive'].update(
-        {'pgd linf 4/255 x10': 0.72})),
-    ('adaptive_vs_transfer', lambda r: r['purifiers']['sr']['transfer'].update(
-        {'pgd linf 8/255 x10': 0.05})),
-    ('gradient', lambda r: r['purifiers']['sr']['gradient'].update({'norm': 0.0})),
-    ('gradient', lambda r: r['purifiers']['sr']['gradient'].update({'finite': False})),
-])
+@pytest.mark.parametrize(
+    'check,plant',
+    [
+        ('eps0', lambda r: r['purifiers']['sr']['eps0'].update({'adaptive': 0.5})),
+        (
+            'monotone',
+            lambda r: r['purifiers']['sr']['oblivious'].update({'pgd linf 8/255 x10': 0.75}),
+        ),
+        (
+            'adaptive_vs_oblivious',
+            lambda r: r['purifiers']['sr']['adaptive'].update({'pgd linf 4/255 x10': 0.72}),
+        ),
+        (
+            'adaptive_vs_transfer',
+            lambda r: r['purifiers']['sr']['transfer'].update({'pgd linf 8/255 x10': 0.05}),
+        ),
+        ('gradient', lambda r: r['purifiers']['sr']['gradient'].update({'norm': 0.0})),
+        ('gradient', lambda r: r['purifiers']['sr']['gradient'].update({'finite': False})),
+    ],
+)
 def test_sanity_checks_catch_planted_violations(check, plant):
     good = robustness.sanity_checks(passing_results())
     assert good['passed'] and not good['failures'], good['failures']
     kinds = {c['check'] for c in good['checks']}
-    assert kinds == {'eps0', 'monotone', 'adaptive_vs_oblivious', 'adaptive_vs_transfer',
-                     'gradient'}
+    assert kinds == {
+        'eps0',
+        'monotone',
+        'adaptive_vs_oblivious',
+        'adaptive_vs_transfer',
+        'gradient',
+    }
     results = copy.deepcopy(passing_results())
     plant(results)
     bad = robustness.sanity_checks(results)
@@ -253,8 +297,8 @@ def linear_classifier(seed, structure=0.05):
     fixed +-0.02 pattern from `seed`."""
     rng = np.random.default_rng(seed)
     w = np.zeros((SIDE, SIDE, 3, 2), np.float32)
-    w[:SIDE // 2, :, :, 1] = structure
-    w[SIDE // 2:, :, :, 0] = structure
+    w[: SIDE // 2, :, :, 1] = structure
+    w[SIDE // 2 :, :, :, 0] = structure
     w += rng.choice([-0.02, 0.02], size=w.shape).astype(np.float32)
     params = {'w': jnp.asarray(w.reshape(DIM, 2)), 'b': jnp.zeros((2,), jnp.float32)}
     fn = lambda p, x: x.reshape(x.shape[0], -1) @ p['w'] + p['b']
@@ -281,11 +325,14 @@ def test_table_matches_hand_computation(tmp_path, capsys):
     config.sanity_batches = 0  # The eps = 0 sanity attack on every batch.
     config.batch_size = 8
     config.grid_samples = 2
-    rows = [robustness.Row(kind, purifiers.build(tiny_purifier_cfg(kind)), {}, 'test')
-            for kind in ('none', 'bicubic_resample')]
+    rows = [
+        robustness.Row(kind, purifiers.build(tiny_purifier_cfg(kind)), {}, 'test')
+        for kind in ('none', 'bicubic_resample')
+    ]
     mesh = sharding.make_mesh()
-    results, samples = robustness.evaluate(config, fn, params, rows, split, mesh,
-                                           transfer=(t_fn, t_params))
+    results, samples = robustness.evaluate(
+        config, fn, params, rows, split, mesh, transfer=(t_fn, t_params)
+    )
 
     # By hand: the same attack function, called directly on all 12 images at once.
     attack = attacks.make_attack(attacks.attack_config(eps=eps, **pgd))
@@ -299,14 +346,31 @@ def test_table_matches_hand_computation(tmp_path, capsys):
         purify = lambda xs, pp=row.purifier: pp.purify({}, xs)
         composed = lambda p, xs, pp=row.purifier: fn(p, pp.purify({}, xs))
         x_ad = attack(composed, params, x, key, y)
-        ok = lambda xs: np.asarray(jnp.argmax(fn(params, purify(xs)), -1) == y)
+        ok = lambda xs, purify=purify: np.asarray(jnp.argmax(fn(params, purify(xs)), -1) == y)
         clean_p, obl, ad, tr = ok(x), ok(x_obl), ok(x_ad), ok(x_tr)
-        hand[row.label] = [hand['clean'], clean_p.mean(), obl.mean(), ad.mean(), tr.mean(),
-                           (clean_p & obl).mean(), (clean_p & ad).mean(), (clean_p & tr).mean()]
+        hand[row.label] = [
+            hand['clean'],
+            clean_p.mean(),
+            obl.mean(),
+            ad.mean(),
+            tr.mean(),
+            (clean_p & obl).mean(),
+            (clean_p & ad).mean(),
+            (clean_p & tr).mean(),
+        ]
 
     header, table_rows = robustness.table(results, percent=False)
-    assert header == ['purifier', 'clean', 'clean+P', 'pgd linf 2/255 x3 obl', 'adapt',
-                      'transfer', 'worst obl', 'worst adapt', 'worst transfer']
+    assert header == [
+        'purifier',
+        'clean',
+        'clean+P',
+        'pgd linf 2/255 x3 obl',
+        'adapt',
+        'transfer',
+        'worst obl',
+        'worst adapt',
+        'worst transfer',
+    ]
     for row in table_rows:
         np.testing.assert_allclose(row[1:], hand[row[0]], atol=1e-9, err_msg=row[0])
     assert results['examples'] == n
@@ -315,12 +379,23 @@ def test_table_matches_hand_computation(tmp_path, capsys):
     assert hand['none'][2] == hand['none'][3]
     assert results['sanity']['passed'], results['sanity']['failures']
 
-    md = robustness.report(str(tmp_path), dict(results, transfer_note='test'), samples, rows,
-                           config, title='toy', writer=RecordingWriter())
+    md = robustness.report(
+        str(tmp_path),
+        dict(results, transfer_note='test'),
+        samples,
+        rows,
+        config,
+        title='toy',
+        writer=RecordingWriter(),
+    )
     out = capsys.readouterr().out
     assert 'sanity ok: eps = 0 gives the clean accuracy' in out and 'SANITY FAILED' not in out
-    for name in ('robustness_table.md', 'results.json', 'robustness_plot.png',
-                 'robustness_grid.png'):
+    for name in (
+        'robustness_table.md',
+        'results.json',
+        'robustness_plot.png',
+        'robustness_grid.png',
+    ):
         assert os.path.exists(tmp_path / name), name
     with open(tmp_path / 'results.json') as f:
         saved = json.load(f)['robustness']

@@ -14,27 +14,43 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, RecordingWriter, tiny_sr_config
+
 from sr_purify import data
 from sr_purify.trainers import sr as sr_trainer
 
-TINY = ['--config=configs/teacher.py', '--config.model.num_blocks=2', '--config.model.features=8',
-        '--config.data.patch=8', '--config.log_every=1', '--config.optim.warmup_steps=0']
+TINY = [
+    '--config=configs/teacher.py',
+    '--config.model.num_blocks=2',
+    '--config.model.features=8',
+    '--config.data.patch=8',
+    '--config.log_every=1',
+    '--config.optim.warmup_steps=0',
+]
 LOSS_LINE = re.compile(r'\[(\d+)\] .*loss=([-+0-9.eE]+|nan|inf)')
 
 
 def _env(devices: int):
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-               TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+    env.update(
+        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+        JAX_PLATFORMS='cpu',
+        TF_CPP_MIN_LOG_LEVEL='2',
+        PYTHONUNBUFFERED='1',
+    )
     return env
 
 
 def _launch(args, devices=1, **kwargs):
-    return subprocess.Popen([sys.executable, 'launch.py', *TINY, *args], cwd=REPO,
-                            env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, 'launch.py', *TINY, *args],
+        cwd=REPO,
+        env=_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def _losses(output: str):
@@ -62,8 +78,7 @@ def _saved_steps(workdir):
 
 def test_sigterm_saves_and_exits_cleanly_then_kill9_loses_only_unsaved_steps(tmp_path):
     workdir = str(tmp_path / 'run')
-    args = [f'--workdir={workdir}', '--config.total_steps=100000',
-            '--config.checkpoint_every=1000']
+    args = [f'--workdir={workdir}', '--config.total_steps=100000', '--config.checkpoint_every=1000']
     proc = _launch(args)
     _wait_for_step(proc, 3)
     proc.send_signal(signal.SIGTERM)
@@ -99,8 +114,19 @@ def test_two_processes_match_one_process_and_only_process_0_writes(tmp_path):
     steps = ['--config.total_steps=3', '--config.checkpoint_every=3']
     port = _free_port()
     multi = str(tmp_path / 'multi')
-    procs = [_launch([*steps, f'--workdir={multi}', f'--coordinator_address=localhost:{port}',
-                      '--num_processes=2', f'--process_id={i}'], devices=2) for i in (0, 1)]
+    procs = [
+        _launch(
+            [
+                *steps,
+                f'--workdir={multi}',
+                f'--coordinator_address=localhost:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+            ],
+            devices=2,
+        )
+        for i in (0, 1)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
@@ -112,8 +138,9 @@ def test_two_processes_match_one_process_and_only_process_0_writes(tmp_path):
     expected = _losses(out_single)
     assert sorted(expected) == [1, 2, 3]
     for out in outs:  # Every process logs the same global losses.
-        np.testing.assert_allclose([_losses(out)[s] for s in (1, 2, 3)],
-                                   [expected[s] for s in (1, 2, 3)], rtol=1e-6)
+        np.testing.assert_allclose(
+            [_losses(out)[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)], rtol=1e-6
+        )
     events = [f for f in os.listdir(multi) if f.startswith('events.out.tfevents')]
     assert len(events) == 1 and os.path.exists(os.path.join(multi, 'results.json'))
     assert _saved_steps(multi) == [3]
@@ -140,6 +167,7 @@ def test_same_seed_gives_bit_identical_parameters_also_across_a_resume(tmp_path)
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
     from PIL import Image
+
     folder = tmp_path / 'imgs'
     folder.mkdir()
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(folder / 'good.png')

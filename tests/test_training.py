@@ -11,15 +11,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from conftest import REPO, RecordingWriter, tiny_sr_config
+
 from sr_purify import checkpointing, data, models, training
 from sr_purify.trainers import sr as sr_trainer
 
 
 def _batches(cfg, scale=2, start=0, n=2, process_index=0, process_count=1, seed=0):
-    it = data.sr_train_batches(cfg, scale=scale, global_batch=8, seed=seed, start_step=start,
-                               process_index=process_index, process_count=process_count)
+    it = data.sr_train_batches(
+        cfg,
+        scale=scale,
+        global_batch=8,
+        seed=seed,
+        start_step=start,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return [next(it) for _ in range(n)]
 
 
@@ -55,6 +62,7 @@ def test_pipeline_rejects_bad_scale_and_small_images(tmp_path):
     with pytest.raises(ValueError, match=r'scale 5 not supported; valid: 2, 3, 4'):
         _batches(cfg, scale=5, n=1)
     from PIL import Image
+
     os.makedirs(tmp_path / 'imgs')
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / 'imgs' / 'tiny.png')
     cfg.source, cfg.path = 'folder', str(tmp_path / 'imgs')
@@ -85,8 +93,9 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path):
     _, losses_1 = _train(one, tmp_path / 'one')
     result, losses_8 = _train(eight, tmp_path / 'eight')
     assert sorted(losses_1) == [1, 2]
-    np.testing.assert_allclose([losses_8[s] for s in (1, 2)], [losses_1[s] for s in (1, 2)],
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        [losses_8[s] for s in (1, 2)], [losses_1[s] for s in (1, 2)], rtol=2e-5
+    )
     # The batch really was split: parameters live on all 8 devices, replicated.
     leaf = jax.tree.leaves(result.state.params)[0]
     assert len(leaf.sharding.device_set) == 8
@@ -118,8 +127,13 @@ def test_teacher_job_writes_results_and_resumes_with_the_same_next_loss(tmp_path
 def _corrupt_newest(ckpt_dir):
     """Flips bytes in every array-data file of the newest step."""
     newest = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
-    files = [f for f in glob.glob(os.path.join(ckpt_dir, str(newest), 'state', '**', 'd', '*'),
-                                  recursive=True) if os.path.isfile(f)]
+    files = [
+        f
+        for f in glob.glob(
+            os.path.join(ckpt_dir, str(newest), 'state', '**', 'd', '*'), recursive=True
+        )
+        if os.path.isfile(f)
+    ]
     assert files
     for f in files:
         raw = bytearray(open(f, 'rb').read())
@@ -137,7 +151,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert _corrupt_newest(ckpt_dir) == 3
     model = models.build(cfg.model)
     abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params'])
+        lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+    )
     params, step = checkpointing.restore_params(str(tmp_path), abstract)
     assert step == 2
     # And a training run resumes from step 2, not from the damaged step 3.
@@ -152,10 +167,13 @@ def test_checkpoint_of_another_architecture_names_the_parameter(tmp_path):
     wider.model.features = 16
     model = models.build(wider.model)
     abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params'])
-    with pytest.raises(checkpointing.CheckpointMismatchError,
-                       match=r'parameter .*block_1/conv_0/bias has shape \(8,\), the config '
-                             r'builds \(16,\)|parameter .* has shape'):
+        lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+    )
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r'parameter .*block_1/conv_0/bias has shape \(8,\), the config '
+        r'builds \(16,\)|parameter .* has shape',
+    ):
         checkpointing.restore_params(str(tmp_path), abstract)
     with pytest.raises(FileNotFoundError, match='no SR model checkpoint in .*pass the workdir'):
         checkpointing.restore_params(str(tmp_path / 'nothing'), abstract, 'SR model')
@@ -173,11 +191,19 @@ def test_non_finite_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint
     def loss_fn(params, model_state, batch, rng):
         return jnp.mean(params['w'] * batch['x']) ** 2, (model_state, {})
 
-    with pytest.raises(training.NonFiniteLossError,
-                       match=r'non-finite loss nan at step 3; stopping. The last good checkpoint '
-                             r'is step 2'):
-        training.fit(cfg, str(tmp_path), init_variables=lambda rng: ({'w': jnp.ones(())}, {}),
-                     loss_fn=loss_fn, batches=batches, writer=RecordingWriter())
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r'non-finite loss nan at step 3; stopping. The last good checkpoint '
+        r'is step 2',
+    ):
+        training.fit(
+            cfg,
+            str(tmp_path),
+            init_variables=lambda rng: ({'w': jnp.ones(())}, {}),
+            loss_fn=loss_fn,
+            batches=batches,
+            writer=RecordingWriter(),
+        )
     assert sorted(int(n) for n in os.listdir(tmp_path / 'checkpoints') if n.isdigit()) == [1, 2]
 
 
@@ -191,7 +217,11 @@ def test_unknown_names_give_one_line_errors_with_the_valid_choices():
 def test_launch_rejects_an_unknown_config_key_in_one_line():
     proc = subprocess.run(
         [sys.executable, 'launch.py', '--config=configs/teacher.py', '--config.optim.lrr=1'],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown config key 'optim.lrr'") and 'valid: b1, b2' in last
@@ -200,14 +230,30 @@ def test_launch_rejects_an_unknown_config_key_in_one_line():
 def test_launch_names_a_missing_checkpoint_path_before_loading_tensorflow():
     # A checkpoint path inside a list entry (the robustness job's purifiers) is found too.
     proc = subprocess.run(
-        [sys.executable, '-X', 'importtime', 'launch.py', '--config=configs/evaluate.py:robustness',
-         f'--config.classifier.checkpoint={REPO}', '--config.purifiers[3].checkpoint=no/such/dir'],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            '-X',
+            'importtime',
+            'launch.py',
+            '--config=configs/evaluate.py:robustness',
+            f'--config.classifier.checkpoint={REPO}',
+            '--config.purifiers[3].checkpoint=no/such/dir',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == ("error: config.purifiers[3].checkpoint='no/such/dir' does not exist; pass the "
-                    "workdir of a finished job (or its checkpoints/ folder): "
-                    "--config.purifiers[3].checkpoint=<path>")
-    imported = {line.split('|')[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith('import time:')}
+    assert last == (
+        "error: config.purifiers[3].checkpoint='no/such/dir' does not exist; pass the "
+        'workdir of a finished job (or its checkpoints/ folder): '
+        '--config.purifiers[3].checkpoint=<path>'
+    )
+    imported = {
+        line.split('|')[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith('import time:')
+    }
     assert 'tensorflow' not in imported  # The slow import (seconds): the check comes first.

@@ -72,22 +72,19 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from sr_purify.attacks.gradient import apgd
-from sr_purify.attacks.gradient import apgd_checkpoints
-from sr_purify.attacks.gradient import fgm
-from sr_purify.attacks.gradient import fgsm
-from sr_purify.attacks.gradient import mifgsm
-from sr_purify.attacks.gradient import NORMS
-from sr_purify.attacks.gradient import pgd
-from sr_purify.attacks.gradient import project
-from sr_purify.attacks.gradient import uniform_in_ball
-from sr_purify.attacks.label_free import sr_attack
-from sr_purify.attacks.label_free import ssp
-from sr_purify.attacks.wrappers import bpda
-from sr_purify.attacks.wrappers import eot
-from sr_purify.attacks.wrappers import loss_and_grad
-from sr_purify.attacks.wrappers import random_fn
-from sr_purify.attacks.wrappers import RandomFn
+from sr_purify.attacks.gradient import (
+    NORMS,
+    apgd,
+    apgd_checkpoints,
+    fgm,
+    fgsm,
+    mifgsm,
+    pgd,
+    project,
+    uniform_in_ball,
+)
+from sr_purify.attacks.label_free import sr_attack, ssp
+from sr_purify.attacks.wrappers import RandomFn, bpda, eot, loss_and_grad, random_fn
 
 ATTACKS: dict[str, Callable[..., jax.Array]] = {
     'fgsm': fgsm,
@@ -112,8 +109,18 @@ _SETTINGS = {
 # silently does nothing (e.g. restarts=5 for mifgsm).
 _NEUTRAL = {'random_start': False, 'restarts': 1, 'targeted': False}
 
-_BASE = dict(name='pgd', norm='linf', eps=None, steps=10, step_size=None,
-             random_start=True, restarts=1, targeted=False, decay=1.0, eot_samples=1)
+_BASE = dict(
+    name='pgd',
+    norm='linf',
+    eps=None,
+    steps=10,
+    step_size=None,
+    random_start=True,
+    restarts=1,
+    targeted=False,
+    decay=1.0,
+    eot_samples=1,
+)
 # The usual CIFAR-scale budget of each norm, used when no eps is given; the L2 one is not a
 # rescaled L-inf one (8/255 as an L2 radius on a 32x32x3 image moves almost nothing).
 DEFAULT_EPS = {'linf': 8 / 255, 'l2': 0.5}
@@ -142,8 +149,10 @@ def attack_config(**overrides) -> ml_collections.ConfigDict:
     """
     unknown = sorted(set(overrides) - set(_BASE))
     if unknown:
-        raise ValueError(f"unknown attack config field(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(sorted(_BASE))}")
+        raise ValueError(
+            f'unknown attack config field(s) {", ".join(unknown)}; '
+            f'valid: {", ".join(sorted(_BASE))}'
+        )
     name = overrides.get('name', _BASE['name'])
     values = {**_BASE, **_NAME_DEFAULTS.get(name, {}), **overrides}
     if values['eps'] is None:  # An unknown norm gets the L-inf budget; validate() rejects it.
@@ -172,21 +181,26 @@ def classifier_attacks(cfgs) -> list:
     for cfg in cfgs:
         validate(cfg)
         if cfg.name in LABEL_FREE:
-            raise ValueError(f'attack {cfg.name!r} is label-free and does not target a classifier; '
-                             f'valid here: {", ".join(sorted(set(ATTACKS) - LABEL_FREE))}')
+            raise ValueError(
+                f'attack {cfg.name!r} is label-free and does not target a classifier; '
+                f'valid here: {", ".join(sorted(set(ATTACKS) - LABEL_FREE))}'
+            )
     return cfgs
 
 
 def validate(cfg) -> None:
     """Raises a one-line ValueError naming the bad value and the valid choices."""
     if cfg.name not in ATTACKS:
-        raise ValueError(f"unknown attack {cfg.name!r}; valid: {', '.join(sorted(ATTACKS))}")
+        raise ValueError(f'unknown attack {cfg.name!r}; valid: {", ".join(sorted(ATTACKS))}')
     if cfg.norm not in NORMS:
-        raise ValueError(f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
+        raise ValueError(f'unknown norm {cfg.norm!r}; valid: {", ".join(NORMS)}')
     checks = (
         ('eps', _is_number(cfg.eps) and cfg.eps >= 0, 'a number >= 0'),
-        ('step_size', cfg.step_size is None or (_is_number(cfg.step_size) and cfg.step_size >= 0),
-         "a number >= 0, or None for the attack's default"),
+        (
+            'step_size',
+            cfg.step_size is None or (_is_number(cfg.step_size) and cfg.step_size >= 0),
+            "a number >= 0, or None for the attack's default",
+        ),
         ('steps', _is_int(cfg.steps) and cfg.steps >= 0, 'an int >= 0'),
         ('restarts', _is_int(cfg.restarts) and cfg.restarts >= 1, 'an int >= 1'),
         ('eot_samples', _is_int(cfg.eot_samples) and cfg.eot_samples >= 1, 'an int >= 1'),
@@ -199,11 +213,15 @@ def validate(cfg) -> None:
     for field, neutral in _NEUTRAL.items():
         if field not in used and cfg[field] != neutral:
             users = sorted(n for n, s in _SETTINGS.items() if field in s)
-            raise ValueError(f'{field}={cfg[field]!r} has no effect on {cfg.name!r}; set it to '
-                             f"{neutral!r} or use one of: {', '.join(users)}")
+            raise ValueError(
+                f'{field}={cfg[field]!r} has no effect on {cfg.name!r}; set it to '
+                f'{neutral!r} or use one of: {", ".join(users)}'
+            )
     if cfg.name in LABEL_FREE and not cfg.random_start:
-        raise ValueError(f'random_start=False is invalid for {cfg.name!r}; valid: True '
-                         '(its loss has zero gradient at the clean input)')
+        raise ValueError(
+            f'random_start=False is invalid for {cfg.name!r}; valid: True '
+            '(its loss has zero gradient at the clean input)'
+        )
 
 
 def check_images(x) -> None:
@@ -213,20 +231,26 @@ def check_images(x) -> None:
     """
     shape, dtype = getattr(x, 'shape', None), getattr(x, 'dtype', None)
     if shape is None or len(shape) != 4 or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f'images must be a rank-4 NHWC float array (batch, height, width, '
-                         f'channels) in [0, 1]; got shape {shape} dtype {dtype}')
+        raise ValueError(
+            f'images must be a rank-4 NHWC float array (batch, height, width, '
+            f'channels) in [0, 1]; got shape {shape} dtype {dtype}'
+        )
     # Reduce where the array lives; only two scalars travel to the host.
     lo, hi = float(jnp.min(x)), float(jnp.max(x))
     if not (lo >= 0.0 and hi <= 1.0):  # Also rejects NaN.
-        raise ValueError(f'image values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}] '
-                         f'for shape {tuple(shape)}')
+        raise ValueError(
+            f'image values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}] '
+            f'for shape {tuple(shape)}'
+        )
 
 
 def _check_labels(labels, x) -> None:
     shape, dtype = getattr(labels, 'shape', None), getattr(labels, 'dtype', None)
     if shape != (x.shape[0],) or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f'labels must be integer class indices of shape ({x.shape[0]},) for this '
-                         f'batch; got shape {shape} dtype {dtype}')
+        raise ValueError(
+            f'labels must be integer class indices of shape ({x.shape[0]},) for this '
+            f'batch; got shape {shape} dtype {dtype}'
+        )
 
 
 def make_attack(cfg) -> Callable[..., jax.Array]:
@@ -245,8 +269,10 @@ def make_attack(cfg) -> Callable[..., jax.Array]:
 
     def attack(fn, params, x, key, labels=None):
         if name not in LABEL_FREE and labels is None:
-            raise ValueError(f'{name!r} attacks a classifier and needs labels (the target classes '
-                             'when targeted=True); got labels=None')
+            raise ValueError(
+                f'{name!r} attacks a classifier and needs labels (the target classes '
+                'when targeted=True); got labels=None'
+            )
         if not isinstance(x, jax.core.Tracer):
             check_images(x)
             if name not in LABEL_FREE and not isinstance(labels, jax.core.Tracer):
@@ -259,7 +285,26 @@ def make_attack(cfg) -> Callable[..., jax.Array]:
 
 
 __all__ = [
-    'ATTACKS', 'LABEL_FREE', 'NORMS', 'RandomFn', 'apgd', 'apgd_checkpoints', 'attack_config',
-    'bpda', 'check_images', 'eot', 'fgm', 'fgsm', 'loss_and_grad', 'make_attack', 'mifgsm',
-    'pgd', 'project', 'random_fn', 'sr_attack', 'ssp', 'uniform_in_ball', 'validate',
+    'ATTACKS',
+    'LABEL_FREE',
+    'NORMS',
+    'RandomFn',
+    'apgd',
+    'apgd_checkpoints',
+    'attack_config',
+    'bpda',
+    'check_images',
+    'eot',
+    'fgm',
+    'fgsm',
+    'loss_and_grad',
+    'make_attack',
+    'mifgsm',
+    'pgd',
+    'project',
+    'random_fn',
+    'sr_attack',
+    'ssp',
+    'uniform_in_ball',
+    'validate',
 ]

@@ -37,7 +37,7 @@ _TINY = 1e-12
 
 def _check_norm(norm: str):
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+        raise ValueError(f'unknown norm {norm!r}; valid: {", ".join(NORMS)}')
 
 
 def _per_sample_l2(v: jax.Array) -> jax.Array:
@@ -86,9 +86,11 @@ def uniform_in_ball(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
 
 def _objective(labels: jax.Array, targeted: bool) -> Callable[[jax.Array], jax.Array]:
     """Per-sample quantity every attack *ascends*: CE(y), or -CE(target)."""
+
     def per_sample(logits):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         return -ce if targeted else ce
+
     return per_sample
 
 
@@ -100,8 +102,10 @@ def _succeeded(logits: jax.Array, labels: jax.Array, targeted: bool) -> jax.Arra
 
 def _require_labels(labels, name: str):
     if labels is None:
-        raise ValueError(f'{name} attacks a classifier and needs labels (true classes, or '
-                         'target classes when targeted=True); got labels=None')
+        raise ValueError(
+            f'{name} attacks a classifier and needs labels (true classes, or '
+            'target classes when targeted=True); got labels=None'
+        )
 
 
 def _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts: int):
@@ -128,8 +132,7 @@ def _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts: 
         loss, ok = score(x_adv, jax.random.fold_in(k, 1))
         better = ~best_ok & (ok | (loss > best_loss))
         sel = better.reshape((-1,) + (1,) * (x.ndim - 1))
-        return (jnp.where(sel, x_adv, best_x), jnp.where(better, loss, best_loss),
-                best_ok | ok)
+        return (jnp.where(sel, x_adv, best_x), jnp.where(better, loss, best_loss), best_ok | ok)
 
     batch = x.shape[0]
     init = (x, jnp.full((batch,), -jnp.inf, jnp.float32), jnp.zeros((batch,), bool))
@@ -143,8 +146,17 @@ def _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts: 
 # Attacks.
 
 
-def fgsm(fn, params, x, key, labels=None, *, eps: float = 8 / 255, norm: str = 'linf',
-         targeted: bool = False) -> jax.Array:
+def fgsm(
+    fn,
+    params,
+    x,
+    key,
+    labels=None,
+    *,
+    eps: float = 8 / 255,
+    norm: str = 'linf',
+    targeted: bool = False,
+) -> jax.Array:
     """Fast Gradient Sign Method (Goodfellow et al. 2015); FGM for norm='l2'.
 
     One step of length eps along the steepest ascent direction of the CE loss
@@ -161,9 +173,21 @@ def fgm(fn, params, x, key, labels=None, *, eps: float = 0.5, targeted: bool = F
     return fgsm(fn, params, x, key, labels, eps=eps, norm='l2', targeted=targeted)
 
 
-def pgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 10,
-        step_size: float | None = 2 / 255, norm: str = 'linf', random_start: bool = True,
-        restarts: int = 1, targeted: bool = False) -> jax.Array:
+def pgd(
+    fn,
+    params,
+    x,
+    key,
+    labels=None,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 10,
+    step_size: float | None = 2 / 255,
+    norm: str = 'linf',
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+) -> jax.Array:
     """Projected Gradient Descent (Madry et al. 2018), L-inf or L2.
 
     Returns the last iterate of each restart; across restarts each sample keeps
@@ -181,7 +205,8 @@ def pgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 1
 
         def body(i, x_adv):
             _, _, grad = wrappers.loss_and_grad(
-                objective, fn, params, x_adv, jax.random.fold_in(k_loop, i))
+                objective, fn, params, x_adv, jax.random.fold_in(k_loop, i)
+            )
             return project(x_adv + step_size * steepest_direction(grad, norm), x, eps, norm)
 
         return wrappers.loop(0, steps, body, x0)
@@ -189,9 +214,20 @@ def pgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 1
     return _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts)
 
 
-def mifgsm(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 10,
-           step_size: float | None = None, decay: float = 1.0, norm: str = 'linf',
-           targeted: bool = False) -> jax.Array:
+def mifgsm(
+    fn,
+    params,
+    x,
+    key,
+    labels=None,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 10,
+    step_size: float | None = None,
+    decay: float = 1.0,
+    norm: str = 'linf',
+    targeted: bool = False,
+) -> jax.Array:
     """Momentum Iterative FGSM (Dong et al. CVPR 2018).
 
     g_{t+1} = decay * g_t + grad_t / ||grad_t||_1 (per sample), then a step
@@ -237,9 +273,22 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return checks
 
 
-def apgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 100,
-         norm: str = 'linf', random_start: bool = True, restarts: int = 1,
-         targeted: bool = False, momentum: float = 0.75, rho: float = 0.75) -> jax.Array:
+def apgd(
+    fn,
+    params,
+    x,
+    key,
+    labels=None,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 100,
+    norm: str = 'linf',
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    momentum: float = 0.75,
+    rho: float = 0.75,
+) -> jax.Array:
     """APGD-CE, Auto-PGD on the cross-entropy (Croce & Hein, ICML 2020, Alg. 1).
 
     Step size starts at 2 * eps and is halved per sample at the checkpoints of
@@ -270,16 +319,25 @@ def apgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 
         k_start, k_loop = jax.random.split(k)
         x0 = uniform_in_ball(k_start, x, eps, norm) if random_start else x
         loss0, out0, grad0 = wrappers.loss_and_grad(
-            objective, fn, params, x0, jax.random.fold_in(k_loop, 0))
+            objective, fn, params, x0, jax.random.fold_in(k_loop, 0)
+        )
         ok0 = _succeeded(out0, labels, targeted)
         batch = x.shape[0]
         state = dict(
-            x_cur=x0, x_prev=x0, grad=grad0, loss_cur=loss0,
-            x_best=x0, grad_best=grad0, loss_best=loss0,
-            x_found=x0, found=ok0,
+            x_cur=x0,
+            x_prev=x0,
+            grad=grad0,
+            loss_cur=loss0,
+            x_best=x0,
+            grad_best=grad0,
+            loss_best=loss0,
+            x_found=x0,
+            found=ok0,
             eta=jnp.full((batch,), 2.0 * eps, x.dtype),
             n_increase=jnp.zeros((batch,), jnp.float32),
-            loss_best_at_check=loss0, reduced_at_check=jnp.zeros((batch,), bool))
+            loss_best_at_check=loss0,
+            reduced_at_check=jnp.zeros((batch,), bool),
+        )
 
         def body(i, s):
             # Gradient step to z, then momentum; the first step is the plain
@@ -290,7 +348,8 @@ def apgd(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 
             a = jnp.where(i == 0, 1.0, momentum).astype(x.dtype)
             x_new = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, eps, norm)
             loss, out, grad = wrappers.loss_and_grad(
-                objective, fn, params, x_new, jax.random.fold_in(k_loop, i + 1))
+                objective, fn, params, x_new, jax.random.fold_in(k_loop, i + 1)
+            )
             ok = _succeeded(out, labels, targeted)
 
             s = dict(s)

@@ -27,15 +27,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sr_purify.attacks import gradient
-from sr_purify.attacks import wrappers
+from sr_purify.attacks import gradient, wrappers
 
 
 def _require_random_start(random_start: bool, name: str):
     if not random_start:
         raise ValueError(
             f'{name} needs random_start=True: its distortion loss has zero gradient at the clean '
-            'input, so an attack starting there never moves')
+            'input, so an attack starting there never moves'
+        )
 
 
 def _per_sample_sum(tree: Any, reduce: Callable[..., jax.Array]) -> jax.Array:
@@ -65,8 +65,19 @@ def _distortion_attack(fn, params, x, key, *, eps, steps, step_size, norm, reduc
     return wrappers.loop(0, steps, body, x0)
 
 
-def ssp(fn, params, x, key, labels=None, *, eps: float = 16 / 255, steps: int = 100,
-        step_size: float | None = 0.01, norm: str = 'linf', random_start: bool = True):
+def ssp(
+    fn,
+    params,
+    x,
+    key,
+    labels=None,
+    *,
+    eps: float = 16 / 255,
+    steps: int = 100,
+    step_size: float | None = 0.01,
+    norm: str = 'linf',
+    random_start: bool = True,
+):
     """Self-supervised perturbation (Naseer et al., CVPR 2020, NRP).
 
     Maximises the MSE between `fn(params, x + delta)` and `fn(params, x)` for
@@ -81,12 +92,24 @@ def ssp(fn, params, x, key, labels=None, *, eps: float = 16 / 255, steps: int = 
     _require_random_start(random_start, 'ssp')
     if step_size is None:
         step_size = eps / max(steps, 1)
-    return _distortion_attack(fn, params, x, key, eps=eps, steps=steps, step_size=step_size,
-                              norm=norm, reduce=jnp.mean)
+    return _distortion_attack(
+        fn, params, x, key, eps=eps, steps=steps, step_size=step_size, norm=norm, reduce=jnp.mean
+    )
 
 
-def sr_attack(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: int = 50,
-              step_size: float | None = None, norm: str = 'linf', random_start: bool = True):
+def sr_attack(
+    fn,
+    params,
+    x,
+    key,
+    labels=None,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 50,
+    step_size: float | None = None,
+    norm: str = 'linf',
+    random_start: bool = True,
+):
     """Basic adversarial attack on super-resolution (Choi et al., ICCV 2019).
 
     Perturbs the LR input x within the eps-ball to maximise
@@ -101,5 +124,6 @@ def sr_attack(fn, params, x, key, labels=None, *, eps: float = 8 / 255, steps: i
     _require_random_start(random_start, 'sr_attack')
     if step_size is None:
         step_size = eps / max(steps, 1)
-    return _distortion_attack(fn, params, x, key, eps=eps, steps=steps, step_size=step_size,
-                              norm=norm, reduce=jnp.sum)
+    return _distortion_attack(
+        fn, params, x, key, eps=eps, steps=steps, step_size=step_size, norm=norm, reduce=jnp.sum
+    )

@@ -38,6 +38,7 @@ class RandomFn:
 
     Frozen (hence hashable), so it can be a static argument of `jax.jit`.
     """
+
     fn: Callable[..., Any]
     samples: int = 1
 
@@ -116,6 +117,7 @@ def loss_and_grad(per_sample_loss: Callable[[Any], jax.Array], fn, params, x, ke
       batch is summed, not averaged, so each sample's gradient is its own and
       does not shrink with the batch size.
     """
+
     def value_and_grad(apply):
         def total(x_):
             out = apply(x_)
@@ -127,7 +129,8 @@ def loss_and_grad(per_sample_loss: Callable[[Any], jax.Array], fn, params, x, ke
 
     if isinstance(fn, RandomFn):
         return _mean_over_draws(
-            lambda k: value_and_grad(lambda x_: fn.fn(params, x_, k)), key, fn.samples)
+            lambda k: value_and_grad(lambda x_: fn.fn(params, x_, k)), key, fn.samples
+        )
     return value_and_grad(lambda x_: fn(params, x_))
 
 
@@ -169,7 +172,8 @@ def bpda(forward: Callable[..., jax.Array], backward: Callable[..., jax.Array] |
         if out.shape != g.shape:
             raise ValueError(
                 f'bpda: backward output shape {out.shape} differs from forward output shape '
-                f'{g.shape}; backward must approximate forward, so their shapes must match')
+                f'{g.shape}; backward must approximate forward, so their shapes must match'
+            )
         (gx,) = vjp(g.astype(out.dtype))
         return (gx, *jax.tree.map(_zero_cotangent, args))
 

@@ -1,4 +1,4 @@
-"""Attack evaluation of a trained classifier: clean accuracy, accuracy under each attack, worst case.
+"""Attacks on a trained classifier: clean accuracy, accuracy under each attack, worst case.
 
 For a fixed test subset (`config.data.eval_examples`, the first N of a seeded permutation) every
 attack of `config.attacks` runs in fixed-shape batches sharded over the mesh (each attack is
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sr_purify import attacks, classification_data as cdata, models, reporting, sharding
+from sr_purify import attacks, models, reporting, sharding
+from sr_purify import classification_data as cdata
 from sr_purify.trainers import classifier as classifier_trainer
 
 
@@ -48,21 +49,29 @@ def perturbation_tile(delta: np.ndarray, magnify: float) -> np.ndarray:
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Evaluate job, mode 'attack'. Returns the `attacks` results section."""
     # Fail fast on the cheap checks: attack settings, then the checkpoint, then the data.
-    cfgs = attacks.classifier_attacks(config.attacks)
-    variables, step = classifier_trainer.restore(config.classifier.checkpoint,
-                                                 config.classifier.model)
+    attacks.classifier_attacks(config.attacks)
+    variables, step = classifier_trainer.restore(
+        config.classifier.checkpoint, config.classifier.model
+    )
     mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
     sharding.check_batch(config.batch_size, mesh)
     data = config.data
-    split = cdata.subset(cdata.load_split(data, data.eval_split), data.eval_examples,
-                         data.subset_seed)
+    split = cdata.subset(
+        cdata.load_split(data, data.eval_split), data.eval_examples, data.subset_seed
+    )
     writer = reporting.create_writer(workdir)
     result, samples = evaluate(config, variables, split, mesh)
-    result.update(checkpoint=config.classifier.checkpoint, checkpoint_step=step,
-                  model=config.classifier.model.to_dict(), data=split.source)
+    result.update(
+        checkpoint=config.classifier.checkpoint,
+        checkpoint_step=step,
+        model=config.classifier.model.to_dict(),
+        data=split.source,
+    )
 
-    title = (f'Attacks on {config.classifier.model.name} ({config.classifier.checkpoint}, step '
-             f'{step}), {result["examples"]} {data.eval_split} images')
+    title = (
+        f'Attacks on {config.classifier.model.name} ({config.classifier.checkpoint}, step '
+        f'{step}), {result["examples"]} {data.eval_split} images'
+    )
     header = ['attack', 'accuracy', 'mean L-inf', 'mean L2', 'seconds']
     rows = [['clean', result['clean']['accuracy'], 0.0, 0.0, result['clean']['seconds']]]
     for label, r in result['per_attack'].items():
@@ -70,15 +79,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     rows.append(['worst case (all attacks)', result['worst_case']['accuracy'], '-', '-', '-'])
     table = reporting.log_table(title, header, rows)
     magnify = config.get('grid_magnify', 10.0)
-    note = (f'Grid attacks_grid.png, one row per sample: clean, then for each attack in table '
-            f'order the perturbation shown as 0.5 + {magnify:g} x delta and the adversarial '
-            f'image. Norms are of x_adv - x on [0, 1] images (8/255 = 0.0314). The worst case '
-            f'counts a sample as robust only if it is correct clean and under every attack. '
-            f'Seconds include compilation.')
+    note = (
+        f'Grid attacks_grid.png, one row per sample: clean, then for each attack in table '
+        f'order the perturbation shown as 0.5 + {magnify:g} x delta and the adversarial '
+        f'image. Norms are of x_adv - x on [0, 1] images (8/255 = 0.0314). The worst case '
+        f'counts a sample as robust only if it is correct clean and under every attack. '
+        f'Seconds include compilation.'
+    )
     reporting.write_text(workdir, 'attacks_table.md', f'# {title}\n\n{table}\n\n{note}')
     reporting.update_results(workdir, 'attacks', result)
-    scalars = {'attacks/clean/accuracy': result['clean']['accuracy'],
-               'attacks/worst_case/accuracy': result['worst_case']['accuracy']}
+    scalars = {
+        'attacks/clean/accuracy': result['clean']['accuracy'],
+        'attacks/worst_case/accuracy': result['worst_case']['accuracy'],
+    }
     for label, r in result['per_attack'].items():
         scalars[f'attacks/{label.replace("/", "_").replace(" ", "_")}/accuracy'] = r['accuracy']
     writer.write_scalars(step, scalars)
@@ -88,8 +101,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     return result
 
 
-def evaluate(config: ml_collections.ConfigDict, variables, split: cdata.Split, mesh
-             ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def evaluate(
+    config: ml_collections.ConfigDict, variables, split: cdata.Split, mesh
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Runs every attack of `config.attacks` on `split`.
 
     Returns (results, samples): samples holds the first `config.grid_samples` clean images and
@@ -106,9 +120,11 @@ def evaluate(config: ml_collections.ConfigDict, variables, split: cdata.Split, m
 
     def measure(variables, x, x_adv, labels):
         delta = (x_adv - x).reshape(x.shape[0], -1)
-        return {'correct': correct(variables, x_adv, labels),
-                'linf': jnp.max(jnp.abs(delta), axis=1),
-                'l2': jnp.sqrt(jnp.sum(jnp.square(delta), axis=1))}
+        return {
+            'correct': correct(variables, x_adv, labels),
+            'linf': jnp.max(jnp.abs(delta), axis=1),
+            'l2': jnp.sqrt(jnp.sum(jnp.square(delta), axis=1)),
+        }
 
     # Per-sample results come back replicated, so every host can read them.
     measure = jax.jit(measure, out_shardings=replicated)
@@ -124,21 +140,30 @@ def evaluate(config: ml_collections.ConfigDict, variables, split: cdata.Split, m
     seconds = np.zeros(len(cfgs))
     clean_seconds = 0.0
     samples = {'clean': None, 'adv': [None] * len(cfgs)}
-    for b, batch in enumerate(cdata.eval_batches(split, global_batch=config.batch_size,
-                                                 process_index=jax.process_index(),
-                                                 process_count=jax.process_count())):
+    for b, batch in enumerate(
+        cdata.eval_batches(
+            split,
+            global_batch=config.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    ):
         g = sharding.to_global(batch, mesh)
         masks.append(_global_mask(b, config.batch_size, len(split)))
         t = time.time()
-        clean.append(np.asarray(jax.device_get(clean_correct(variables, g['image'],
-                                                             g['label']))))
+        clean.append(np.asarray(jax.device_get(clean_correct(variables, g['image'], g['label']))))
         clean_seconds += time.time() - t
         if b == 0:
             samples['clean'] = _first(g['image'], num_grid, replicated)
-        for k, (cfg, run_attack) in enumerate(zip(cfgs, runners)):
+        for k, run_attack in enumerate(runners):
             t = time.time()
-            x_adv = run_attack(fn, variables, g['image'],
-                               jax.random.fold_in(jax.random.fold_in(key, k), b), g['label'])
+            x_adv = run_attack(
+                fn,
+                variables,
+                g['image'],
+                jax.random.fold_in(jax.random.fold_in(key, k), b),
+                g['label'],
+            )
             m = jax.device_get(measure(variables, g['image'], x_adv, g['label']))
             seconds[k] += time.time() - t
             for name in per[k]:
@@ -152,18 +177,25 @@ def evaluate(config: ml_collections.ConfigDict, variables, split: cdata.Split, m
     clean = np.concatenate(clean)[mask]
     robust = clean.copy()
     result: Dict[str, Any] = {
-        'examples': n, 'clean': {'accuracy': float(clean.mean()), 'seconds': clean_seconds},
-        'per_attack': {}}
+        'examples': n,
+        'clean': {'accuracy': float(clean.mean()), 'seconds': clean_seconds},
+        'per_attack': {},
+    }
     for k, (cfg, label) in enumerate(zip(cfgs, labels)):
         correct = np.concatenate(per[k]['correct'])[mask]
         linf = np.concatenate(per[k]['linf'])[mask]
         l2 = np.concatenate(per[k]['l2'])[mask]
         robust &= correct
         result['per_attack'][label] = {
-            'config': cfg.to_dict(), 'accuracy': float(correct.mean()),
-            'mean_linf': float(linf.mean()), 'max_linf': float(linf.max()),
-            'mean_l2': float(l2.mean()), 'max_l2': float(l2.max()),
-            'seconds': float(seconds[k]), 'images_per_sec': n / float(seconds[k])}
+            'config': cfg.to_dict(),
+            'accuracy': float(correct.mean()),
+            'mean_linf': float(linf.mean()),
+            'max_linf': float(linf.max()),
+            'mean_l2': float(l2.mean()),
+            'max_l2': float(l2.max()),
+            'seconds': float(seconds[k]),
+            'images_per_sec': n / float(seconds[k]),
+        }
     result['worst_case'] = {'accuracy': float(robust.mean()), 'robust': int(robust.sum())}
     return result, samples
 
@@ -186,8 +218,9 @@ def grid(samples: Dict[str, Any], magnify: float) -> np.ndarray:
     for i in range(len(clean)):
         row = [reporting.nearest_upscale(clean[i], size)]
         for adv in samples['adv']:
-            row.append(reporting.nearest_upscale(perturbation_tile(adv[i] - clean[i], magnify),
-                                                 size))
+            row.append(
+                reporting.nearest_upscale(perturbation_tile(adv[i] - clean[i], magnify), size)
+            )
             row.append(reporting.nearest_upscale(adv[i], size))
         rows.append(row)
     return reporting.image_grid(rows)

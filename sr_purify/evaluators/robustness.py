@@ -35,7 +35,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from sr_purify import attacks, classification_data as cdata, purifiers, reporting, sharding
+from sr_purify import attacks, purifiers, reporting, sharding
+from sr_purify import classification_data as cdata
 from sr_purify.evaluators.attacks import attack_label
 
 ATTACKERS = ('oblivious', 'adaptive', 'transfer')
@@ -45,6 +46,7 @@ PyTree = Any
 @dataclasses.dataclass(eq=False)
 class Row:
     """One purifier of the table: its label, the built purifier, its parameters, provenance."""
+
     label: str
     purifier: purifiers.Purifier
     params: PyTree
@@ -53,6 +55,7 @@ class Row:
 
 # ---------------------------------------------------------------------------------------------
 # Configuration.
+
 
 def attack_list(config: ml_collections.ConfigDict) -> List[ml_collections.ConfigDict]:
     """The configured attacks, validated."""
@@ -95,8 +98,11 @@ def make_runner(cfg: ml_collections.ConfigDict, steps: int = 0) -> Callable:
     """`run(fn, params, x, key, labels) -> x_adv` for one attack config (`steps` > 0 overrides)."""
     attack = attacks.ATTACKS[cfg.name]
     accepted = inspect.signature(attack).parameters
-    static = {k: cfg[k] for k in ('steps', 'norm', 'random_start', 'restarts', 'targeted',
-                                  'decay') if k in accepted}
+    static = {
+        k: cfg[k]
+        for k in ('steps', 'norm', 'random_start', 'restarts', 'targeted', 'decay')
+        if k in accepted
+    }
     if steps and 'steps' in static:
         static['steps'] = int(steps)
     compiled = _runner(cfg.name, tuple(sorted(static.items())))
@@ -112,24 +118,31 @@ def make_runner(cfg: ml_collections.ConfigDict, steps: int = 0) -> Callable:
 # ---------------------------------------------------------------------------------------------
 # The functions attacked and scored.
 
+
 def chain(classifier_fn: Callable, purifier: purifiers.Purifier, eot_samples: int = 1):
     """C∘P as an attack function of params (classifier params, purifier params): plain when P is
     deterministic, `attacks.eot(...)` when it is random."""
     if purifier.random:
+
         def with_key(params, x, key):
             return classifier_fn(params[0], purifier.purify(params[1], x, key))
+
         return attacks.eot(with_key, max(int(eot_samples), 1))
 
     def deterministic(params, x):
         return classifier_fn(params[0], purifier.purify(params[1], x))
+
     return deterministic
 
 
 def _predict_fn(classifier_fn: Callable, purifier: purifiers.Purifier):
     """`(params, x, key) -> logits` of C∘P with one draw (the key is unused when deterministic)."""
+
     def predict(params, x, key):
-        return classifier_fn(params[0], purifier.purify(params[1], x,
-                                                        key if purifier.random else None))
+        return classifier_fn(
+            params[0], purifier.purify(params[1], x, key if purifier.random else None)
+        )
+
     return predict
 
 
@@ -143,9 +156,11 @@ def _purified(purify, params, x, key):
 
 def _input_gradient(predict, params, x, labels, key):
     """Norm and finiteness of d sum CE(C(P(x))) / dx (BPDA where P is not differentiable)."""
+
     def loss(x_):
         logits = predict(params, x_, key).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
     g = jax.grad(loss)(x)
     return jnp.sqrt(jnp.sum(jnp.square(g))), jnp.all(jnp.isfinite(g))
 
@@ -153,10 +168,16 @@ def _input_gradient(predict, params, x, labels, key):
 # ---------------------------------------------------------------------------------------------
 # Evaluation.
 
-def evaluate(config: ml_collections.ConfigDict, classifier_fn: Callable, classifier_params: PyTree,
-             rows: Sequence[Row], split: cdata.Split, mesh,
-             transfer: Optional[Tuple[Callable, PyTree]] = None
-             ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    classifier_fn: Callable,
+    classifier_params: PyTree,
+    rows: Sequence[Row],
+    split: cdata.Split,
+    mesh,
+    transfer: Optional[Tuple[Callable, PyTree]] = None,
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Runs every attacker on `split`; returns (results, samples for the grid).
 
     `classifier_fn(params, x) -> logits` and the transfer source's `(fn, params)` are attacked
@@ -186,9 +207,12 @@ def evaluate(config: ml_collections.ConfigDict, classifier_fn: Callable, classif
         transfer = (transfer[0], jax.device_put(transfer[1], replicated))
     chains = [chain(classifier_fn, r.purifier, eot_samples) for r in rows]
     predicts = [_predict_fn(classifier_fn, r.purifier) for r in rows]
-    purify_fns = [r.purifier.purify if r.purifier.random else
-                  functools.partial(lambda p, params, x, key: p.purify(params, x), r.purifier)
-                  for r in rows]
+    purify_fns = [
+        r.purifier.purify
+        if r.purifier.random
+        else functools.partial(lambda p, params, x, key: p.purify(params, x), r.purifier)
+        for r in rows
+    ]
     row_params = [(classifier_params, jax.device_put(r.params, replicated)) for r in rows]
     identity = purifiers.build(ml_collections.ConfigDict(dict(kind='none')))
     plain_predict = _predict_fn(classifier_fn, identity)
@@ -210,9 +234,14 @@ def evaluate(config: ml_collections.ConfigDict, classifier_fn: Callable, classif
     def fetch(a):
         return np.asarray(jax.device_get(a))
 
-    for b, batch in enumerate(cdata.eval_batches(split, global_batch=config.batch_size,
-                                                 process_index=jax.process_index(),
-                                                 process_count=jax.process_count())):
+    for b, batch in enumerate(
+        cdata.eval_batches(
+            split,
+            global_batch=config.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    ):
         g = sharding.to_global(batch, mesh)
         x, y = g['image'], g['label']
         masks.append(_global_mask(b, config.batch_size, len(split)))
@@ -223,19 +252,26 @@ def evaluate(config: ml_collections.ConfigDict, classifier_fn: Callable, classif
         if check_zero:
             zero_masks.append(masks[-1])
             x0_obl = zero_oblivious(classifier_fn, classifier_params, x, key_zero, y)
-            x0_tr = (None if transfer is None else
-                     zero_oblivious(transfer[0], transfer[1], x, key_zero, y))
+            x0_tr = (
+                None
+                if transfer is None
+                else zero_oblivious(transfer[0], transfer[1], x, key_zero, y)
+            )
         clean.append(fetch(correct_fn(plain_predict, (classifier_params, {}), x, y, key_b)))
         t = time.time()
-        x_obl = [run(classifier_fn, classifier_params, x, k_, y)
-                 for run, k_ in zip(oblivious_runs, attack_keys)]
+        x_obl = [
+            run(classifier_fn, classifier_params, x, k_, y)
+            for run, k_ in zip(oblivious_runs, attack_keys)
+        ]
         jax.block_until_ready(x_obl)
         seconds['oblivious'] += time.time() - t
         x_tr = None
         if transfer is not None:
             t = time.time()
-            x_tr = [run(transfer[0], transfer[1], x, k_, y)
-                    for run, k_ in zip(oblivious_runs, attack_keys)]
+            x_tr = [
+                run(transfer[0], transfer[1], x, k_, y)
+                for run, k_ in zip(oblivious_runs, attack_keys)
+            ]
             jax.block_until_ready(x_tr)
             seconds['transfer'] += time.time() - t
         if b == 0:
@@ -246,42 +282,56 @@ def evaluate(config: ml_collections.ConfigDict, classifier_fn: Callable, classif
             k_pred = jax.random.fold_in(jax.random.fold_in(key_b, 1_000_000), r)
             clean_p[r].append(fetch(correct_fn(predicts[r], params, x, y, k_pred)))
             for k in range(n_att):
-                per['oblivious'][r][k].append(fetch(correct_fn(predicts[r], params, x_obl[k], y,
-                                                             k_pred)))
+                per['oblivious'][r][k].append(
+                    fetch(correct_fn(predicts[r], params, x_obl[k], y, k_pred))
+                )
                 if x_tr is not None:
-                    per['transfer'][r][k].append(fetch(correct_fn(predicts[r], params, x_tr[k], y,
-                                                                k_pred)))
+                    per['transfer'][r][k].append(
+                        fetch(correct_fn(predicts[r], params, x_tr[k], y, k_pred))
+                    )
             t = time.time()
-            x_ad = [run(chains[r], params, x, k_, y)
-                    for run, k_ in zip(adaptive_runs, attack_keys)]
+            x_ad = [run(chains[r], params, x, k_, y) for run, k_ in zip(adaptive_runs, attack_keys)]
             jax.block_until_ready(x_ad)
             seconds['adaptive'] += time.time() - t
             for k in range(n_att):
-                per['adaptive'][r][k].append(fetch(correct_fn(predicts[r], params, x_ad[k], y,
-                                                            k_pred)))
+                per['adaptive'][r][k].append(
+                    fetch(correct_fn(predicts[r], params, x_ad[k], y, k_pred))
+                )
             if check_zero:
                 zero_clean[r].append(clean_p[r][-1])
                 x0_ad = zero_adaptive(chains[r], params, x, key_zero, y)
-                for attacker, x0 in (('oblivious', x0_obl), ('adaptive', x0_ad),
-                                     ('transfer', x0_tr)):
+                for attacker, x0 in (
+                    ('oblivious', x0_obl),
+                    ('adaptive', x0_ad),
+                    ('transfer', x0_tr),
+                ):
                     if x0 is not None:
-                        zero[attacker][r].append(fetch(correct_fn(predicts[r], params, x0, y,
-                                                                  k_pred)))
+                        zero[attacker][r].append(
+                            fetch(correct_fn(predicts[r], params, x0, y, k_pred))
+                        )
             if b == 0:
                 norm, finite = gradient_fn(predicts[r], params, x, y, k_pred)
-                gradient[r] = {'norm': float(norm), 'finite': bool(finite),
-                               'via': 'exact' if rows[r].purifier.differentiable
-                               else 'BPDA (identity backward)'}
+                gradient[r] = {
+                    'norm': float(norm),
+                    'finite': bool(finite),
+                    'via': 'exact'
+                    if rows[r].purifier.differentiable
+                    else 'BPDA (identity backward)',
+                }
                 pp = row_params[r][1]
                 samples['rows'][r] = {
-                    'purified': _first(purified_fn(purify_fns[r], pp, x, k_pred), num_grid,
-                                       replicated),
+                    'purified': _first(
+                        purified_fn(purify_fns[r], pp, x, k_pred), num_grid, replicated
+                    ),
                     'oblivious': _first(x_obl[grid_k], num_grid, replicated),
-                    'oblivious_purified': _first(purified_fn(purify_fns[r], pp, x_obl[grid_k],
-                                                           k_pred), num_grid, replicated),
+                    'oblivious_purified': _first(
+                        purified_fn(purify_fns[r], pp, x_obl[grid_k], k_pred), num_grid, replicated
+                    ),
                     'adaptive': _first(x_ad[grid_k], num_grid, replicated),
-                    'adaptive_purified': _first(purified_fn(purify_fns[r], pp, x_ad[grid_k],
-                                                          k_pred), num_grid, replicated)}
+                    'adaptive_purified': _first(
+                        purified_fn(purify_fns[r], pp, x_ad[grid_k], k_pred), num_grid, replicated
+                    ),
+                }
         logging.info('robustness evaluation: batch %d done', b + 1)
 
     mask = np.concatenate(masks).astype(bool)
@@ -291,26 +341,50 @@ def evaluate(config: ml_collections.ConfigDict, classifier_fn: Callable, classif
     results: Dict[str, Any] = {
         'examples': n,
         'clean': acc(clean),
-        'attacks': [{'label': label, 'name': c.name, 'norm': c.norm, 'eps': float(c.eps),
-                     'steps': int(c.steps), 'adaptive_steps': adaptive_steps or int(c.steps),
-                     'step_size': None if c.step_size is None else float(c.step_size),
-                     'config': c.to_dict()} for label, c in zip(labels, cfgs)],
+        'attacks': [
+            {
+                'label': label,
+                'name': c.name,
+                'norm': c.norm,
+                'eps': float(c.eps),
+                'steps': int(c.steps),
+                'adaptive_steps': adaptive_steps or int(c.steps),
+                'step_size': None if c.step_size is None else float(c.step_size),
+                'config': c.to_dict(),
+            }
+            for label, c in zip(labels, cfgs)
+        ],
         'adaptive': {'steps': adaptive_steps, 'eot_samples': eot_samples},
-        'eps0_attack': {'label': zero_label, 'examples': int(zero_mask.sum()),
-                        'batches': len(zero_masks)},
+        'eps0_attack': {
+            'label': zero_label,
+            'examples': int(zero_mask.sum()),
+            'batches': len(zero_masks),
+        },
         'transfer': transfer is not None,
         'seconds': seconds,
-        'purifiers': {}}
+        'purifiers': {},
+    }
     for r, row in enumerate(rows):
         clean_r = np.concatenate(clean_p[r])[mask]
-        entry = {'kind': row.purifier.kind, 'source': row.source,
-                 'random': row.purifier.random, 'differentiable': row.purifier.differentiable,
-                 'clean': float(clean_r.mean()), 'gradient': gradient[r], 'worst_case': {}}
-        entry['eps0'] = {'examples': int(zero_mask.sum()),
-                         'clean': float(np.concatenate(zero_clean[r])[zero_mask].mean())}
+        entry = {
+            'kind': row.purifier.kind,
+            'source': row.source,
+            'random': row.purifier.random,
+            'differentiable': row.purifier.differentiable,
+            'clean': float(clean_r.mean()),
+            'gradient': gradient[r],
+            'worst_case': {},
+        }
+        entry['eps0'] = {
+            'examples': int(zero_mask.sum()),
+            'clean': float(np.concatenate(zero_clean[r])[zero_mask].mean()),
+        }
         for attacker in ATTACKERS:
-            entry['eps0'][attacker] = (float(np.concatenate(zero[attacker][r])[zero_mask].mean())
-                                       if zero[attacker][r] else None)
+            entry['eps0'][attacker] = (
+                float(np.concatenate(zero[attacker][r])[zero_mask].mean())
+                if zero[attacker][r]
+                else None
+            )
         for attacker in ATTACKERS:
             if attacker == 'transfer' and transfer is None:
                 entry[attacker] = None
@@ -354,6 +428,7 @@ def _global_mask(b: int, global_batch: int, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Sanity checks: a pure function of the results dict.
 
+
 def sanity_checks(results: Dict[str, Any]) -> Dict[str, Any]:
     """{'passed', 'checks': [{'check', 'ok', 'detail'}], 'failures': [detail]}.
 
@@ -380,9 +455,12 @@ def sanity_checks(results: Dict[str, Any]) -> Dict[str, Any]:
             n0 = max(int(zero['examples']), 1)
             for attacker in ATTACKERS:
                 if zero.get(attacker) is not None:
-                    add('eps0', abs(zero[attacker] - zero['clean']) <= 0.5 / n0,
+                    add(
+                        'eps0',
+                        abs(zero[attacker] - zero['clean']) <= 0.5 / n0,
                         f'{label}, {attacker}: {pct(zero[attacker])} at eps 0 vs clean+P '
-                        f'{pct(zero["clean"])} on the same {n0} images')
+                        f'{pct(zero["clean"])} on the same {n0} images',
+                    )
         for attacker in ATTACKERS:
             accs = r.get(attacker)
             if accs is None:
@@ -390,19 +468,27 @@ def sanity_checks(results: Dict[str, Any]) -> Dict[str, Any]:
             for a in meta:
                 if a['eps'] == 0:
                     ok = abs(accs[a['label']] - r['clean']) <= 0.5 / n
-                    add('eps0', ok, f'{label}, {attacker}, {a["label"]}: {pct(accs[a["label"]])} '
-                                    f'at eps 0 vs clean+P {pct(r["clean"])}')
+                    add(
+                        'eps0',
+                        ok,
+                        f'{label}, {attacker}, {a["label"]}: {pct(accs[a["label"]])} '
+                        f'at eps 0 vs clean+P {pct(r["clean"])}',
+                    )
             groups: Dict[Tuple, List] = {}
             for a in meta:
                 if a['eps'] > 0:
                     groups.setdefault((a['name'], a['norm'], a['steps']), []).append(a)
             for (name, norm, steps), group in groups.items():
                 points = [(0.0, r['clean'], 'clean+P')] + sorted(
-                    (a['eps'], accs[a['label']], a['label']) for a in group)
+                    (a['eps'], accs[a['label']], a['label']) for a in group
+                )
                 for (e0, a0, l0), (e1, a1, l1) in zip(points, points[1:]):
                     if e1 > e0:
-                        add('monotone', a1 <= a0 + tol,
-                            f'{label}, {attacker}: {pct(a1)} at {l1} vs {pct(a0)} at {l0}')
+                        add(
+                            'monotone',
+                            a1 <= a0 + tol,
+                            f'{label}, {attacker}: {pct(a1)} at {l1} vs {pct(a0)} at {l0}',
+                        )
         for a in meta:
             if a['eps'] == 0:
                 continue
@@ -411,13 +497,19 @@ def sanity_checks(results: Dict[str, Any]) -> Dict[str, Any]:
                 if r.get(other) is None:
                     continue
                 ot = r[other][a['label']]
-                add(f'adaptive_vs_{other}', ad <= ot + tol,
-                    f'{label}, {a["label"]}: adaptive {pct(ad)} vs {other} {pct(ot)}')
+                add(
+                    f'adaptive_vs_{other}',
+                    ad <= ot + tol,
+                    f'{label}, {a["label"]}: adaptive {pct(ad)} vs {other} {pct(ot)}',
+                )
         g = r.get('gradient')
         if g is not None:
-            add('gradient', g['finite'] and g['norm'] > 0,
+            add(
+                'gradient',
+                g['finite'] and g['norm'] > 0,
                 f'{label}: |d loss / dx| = {g["norm"]:.3g} ({g["via"]}), '
-                f'{"finite" if g["finite"] else "NOT finite"}')
+                f'{"finite" if g["finite"] else "NOT finite"}',
+            )
     failures = [c['detail'] for c in checks if not c['ok']]
     return {'passed': not failures, 'checks': checks, 'failures': failures}
 
@@ -429,17 +521,21 @@ def sanity_lines(sanity: Dict[str, Any]) -> List[str]:
     for c in sanity['checks']:
         if c['check'] not in kinds:
             kinds.append(c['check'])
-    describe = {'eps0': 'eps = 0 gives the clean accuracy of C∘P',
-                'monotone': 'accuracy does not rise with eps (tolerance one sample)',
-                'adaptive_vs_oblivious': 'adaptive accuracy <= oblivious (tolerance one sample)',
-                'adaptive_vs_transfer': 'adaptive accuracy <= transfer (tolerance one sample)',
-                'gradient': 'gradients through C∘P are finite and non-zero'}
+    describe = {
+        'eps0': 'eps = 0 gives the clean accuracy of C∘P',
+        'monotone': 'accuracy does not rise with eps (tolerance one sample)',
+        'adaptive_vs_oblivious': 'adaptive accuracy <= oblivious (tolerance one sample)',
+        'adaptive_vs_transfer': 'adaptive accuracy <= transfer (tolerance one sample)',
+        'gradient': 'gradients through C∘P are finite and non-zero',
+    }
     for kind in kinds:
         group = [c for c in sanity['checks'] if c['check'] == kind]
         bad = [c for c in group if not c['ok']]
         status = 'ok' if not bad else 'FAILED'
-        lines.append(f'sanity {status}: {describe.get(kind, kind)} '
-                     f'({len(group) - len(bad)}/{len(group)} pass)')
+        lines.append(
+            f'sanity {status}: {describe.get(kind, kind)} '
+            f'({len(group) - len(bad)}/{len(group)} pass)'
+        )
     for detail in sanity['failures']:
         lines.append(f'SANITY FAILED: {detail}')
     return lines
@@ -447,6 +543,7 @@ def sanity_lines(sanity: Dict[str, Any]) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Table, plot, grid.
+
 
 def table(results: Dict[str, Any], percent: bool = True) -> Tuple[List[str], List[List[Any]]]:
     """(header, rows): purifier, clean, clean+P, then per attack (eps > 0) oblivious | adaptive |
@@ -469,8 +566,18 @@ def table(results: Dict[str, Any], percent: bool = True) -> Tuple[List[str], Lis
     return header, rows
 
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def _plot_group(results):
@@ -488,10 +595,12 @@ def _plot_group(results):
 def plot(results: Dict[str, Any]) -> np.ndarray:
     """Accuracy (%) against eps, one panel per attacker, one line per purifier (PIL drawing)."""
     from PIL import Image, ImageDraw, ImageFont
+
     font = ImageFont.load_default()
     norm, group = _plot_group(results)
-    attackers = [a for a in ATTACKERS
-                 if any(r[a] is not None for r in results['purifiers'].values())]
+    attackers = [
+        a for a in ATTACKERS if any(r[a] is not None for r in results['purifiers'].values())
+    ]
     pw, ph, left, right, top, bottom = 330, 260, 48, 14, 28, 40
     names = list(results['purifiers'])
     legend_h = 18 * ((len(names) + 2) // 3) + 10
@@ -524,10 +633,11 @@ def plot(results: Dict[str, Any]) -> np.ndarray:
             if r[attacker] is None:
                 continue
             pts = [(to_x(0.0), to_y(r['clean']))] + [
-                (to_x(a['eps'] * scale), to_y(r[attacker][a['label']])) for a in group]
+                (to_x(a['eps'] * scale), to_y(r[attacker][a['label']])) for a in group
+            ]
             color = _PALETTE[i % len(_PALETTE)]
             draw.line(pts, fill=color, width=2)
-            for (px, py) in pts:
+            for px, py in pts:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
     for i, name in enumerate(names):
         lx = 12 + (i % 3) * (img.width // 3)
@@ -549,14 +659,21 @@ def grid(samples: Dict[str, Any], names: Sequence[str]) -> np.ndarray:
         if not s:
             continue
         for i in range(len(clean)):
-            tiles = [clean[i], s['purified'][i], s['oblivious'][i], s['oblivious_purified'][i],
-                     s['adaptive'][i], s['adaptive_purified'][i]]
+            tiles = [
+                clean[i],
+                s['purified'][i],
+                s['oblivious'][i],
+                s['oblivious_purified'][i],
+                s['adaptive'][i],
+                s['adaptive_purified'][i],
+            ]
             rows.append([reporting.nearest_upscale(t, size) for t in tiles])
     return reporting.image_grid(rows)
 
 
 # ---------------------------------------------------------------------------------------------
 # The job.
+
 
 def load_rows(entries: Sequence[ml_collections.ConfigDict], mesh, seed: int = 0) -> List[Row]:
     """Purifier rows from `config.purifiers`: a trained job's export when `checkpoint` is set,
@@ -570,13 +687,15 @@ def load_rows(entries: Sequence[ml_collections.ConfigDict], mesh, seed: int = 0)
         if entry.get('checkpoint', ''):
             purifier, params, saved, step = purifiers.restore(entry.checkpoint, mesh)
             if saved.kind != entry.kind:
-                raise ValueError(f'purifier row {label!r} is {entry.kind!r} but {entry.checkpoint} '
-                                 f'holds a {saved.kind!r} purifier')
+                raise ValueError(
+                    f'purifier row {label!r} is {entry.kind!r} but {entry.checkpoint} '
+                    f'holds a {saved.kind!r} purifier'
+                )
             source = f'{entry.checkpoint} step {step}'
         else:
             purifier = purifiers.build(entry, mesh)
             params = purifiers.initial_params(purifier, entry, jax.random.key(seed))
-            source = ('untrained' if purifier.kind in purifiers.TRAINABLE else 'no parameters')
+            source = 'untrained' if purifier.kind in purifiers.TRAINABLE else 'no parameters'
             if purifier.kind == 'sr_resample' and entry.get('student_checkpoint', ''):
                 source = f'student {entry.student_checkpoint}, not fine-tuned'
         rows.append(Row(label, purifier, params, source))
@@ -586,80 +705,140 @@ def load_rows(entries: Sequence[ml_collections.ConfigDict], mesh, seed: int = 0)
 def settings_lines(results: Dict[str, Any], transfer_note: str) -> List[str]:
     lines = []
     for a in results['attacks']:
-        step = 'default rule' if a['step_size'] is None else (
-            f'{a["step_size"] * 255:.3g}/255' if a['norm'] == 'linf' else f'{a["step_size"]:g}')
-        lines.append(f'- {a["label"]}: oblivious/transfer {a["steps"]} steps, adaptive '
-                     f'{a["adaptive_steps"]} steps, step {step}, random start '
-                     f'{a["config"]["random_start"]}, restarts {a["config"]["restarts"]}')
-    lines.append(f'- adaptive: gradients through C∘P end to end; BPDA (identity backward) for '
-                 f'non-differentiable stages (jpeg); EOT over {results["adaptive"]["eot_samples"]} '
-                 f'draws for random purifiers')
+        step = (
+            'default rule'
+            if a['step_size'] is None
+            else (
+                f'{a["step_size"] * 255:.3g}/255' if a['norm'] == 'linf' else f'{a["step_size"]:g}'
+            )
+        )
+        lines.append(
+            f'- {a["label"]}: oblivious/transfer {a["steps"]} steps, adaptive '
+            f'{a["adaptive_steps"]} steps, step {step}, random start '
+            f'{a["config"]["random_start"]}, restarts {a["config"]["restarts"]}'
+        )
+    lines.append(
+        f'- adaptive: gradients through C∘P end to end; BPDA (identity backward) for '
+        f'non-differentiable stages (jpeg); EOT over {results["adaptive"]["eot_samples"]} '
+        f'draws for random purifiers'
+    )
     lines.append(f'- transfer: {transfer_note}')
     z = results.get('eps0_attack')
     if z:
-        lines.append(f'- sanity: {z["label"]} (the first attack at eps = 0) by every attacker on '
-                     f'the first {z["examples"]} images')
-    lines.append('- worst case: a sample counts only if C∘P is right on it clean and under every '
-                 'attack (eps > 0) of that attacker')
+        lines.append(
+            f'- sanity: {z["label"]} (the first attack at eps = 0) by every attacker on '
+            f'the first {z["examples"]} images'
+        )
+    lines.append(
+        '- worst case: a sample counts only if C∘P is right on it clean and under every '
+        'attack (eps > 0) of that attacker'
+    )
     return lines
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Evaluate job, mode 'robustness'. Returns the `robustness` results section."""
-    from sr_purify.trainers import classifier as classifier_trainer
     from sr_purify import models
+    from sr_purify.trainers import classifier as classifier_trainer
+
     attack_list(config)  # Fail fast on attack settings, then checkpoints, then data.
-    variables, step = classifier_trainer.restore(config.classifier.checkpoint,
-                                                 config.classifier.model)
+    variables, step = classifier_trainer.restore(
+        config.classifier.checkpoint, config.classifier.model
+    )
     classifier_fn = classifier_trainer.make_predict(models.build(config.classifier.model))
     transfer, transfer_note = None, ''
     if config.transfer.get('checkpoint', ''):
-        t_vars, t_step = classifier_trainer.restore(config.transfer.checkpoint,
-                                                    config.transfer.model,
-                                                    flag='--config.transfer.checkpoint')
+        t_vars, t_step = classifier_trainer.restore(
+            config.transfer.checkpoint, config.transfer.model, flag='--config.transfer.checkpoint'
+        )
         transfer = (classifier_trainer.make_predict(models.build(config.transfer.model)), t_vars)
-        transfer_note = (f'adversarial examples made on {config.transfer.model.name} '
-                         f'({config.transfer.checkpoint}, step {t_step}), same attack settings')
+        transfer_note = (
+            f'adversarial examples made on {config.transfer.model.name} '
+            f'({config.transfer.checkpoint}, step {t_step}), same attack settings'
+        )
     else:
-        transfer_note = ('skipped: no --config.transfer.checkpoint given (e.g. the workdir of '
-                         'configs/classifier.py:small_cnn)')
+        transfer_note = (
+            'skipped: no --config.transfer.checkpoint given (e.g. the workdir of '
+            'configs/classifier.py:small_cnn)'
+        )
         print(f'note: transfer attacker {transfer_note}', flush=True)
     mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
     sharding.check_batch(config.batch_size, mesh)
     rows = load_rows(config.purifiers, mesh, config.seed)
     data = config.data
-    split = cdata.subset(cdata.load_split(data, data.eval_split), data.eval_examples,
-                         data.subset_seed)
+    split = cdata.subset(
+        cdata.load_split(data, data.eval_split), data.eval_examples, data.subset_seed
+    )
     t0 = time.time()
     results, samples = evaluate(config, classifier_fn, variables, rows, split, mesh, transfer)
-    results.update(classifier={'checkpoint': config.classifier.checkpoint, 'step': step,
-                               'model': config.classifier.model.to_dict()},
-                   transfer_note=transfer_note, data=split.source, wall_s=time.time() - t0)
-    report(workdir, results, samples, rows, config,
-           title=(f'Robustness of {config.classifier.model.name} ({config.classifier.checkpoint}, '
-                  f'step {step}) behind each purifier, {results["examples"]} '
-                  f'{data.eval_split} images, accuracy %'))
+    results.update(
+        classifier={
+            'checkpoint': config.classifier.checkpoint,
+            'step': step,
+            'model': config.classifier.model.to_dict(),
+        },
+        transfer_note=transfer_note,
+        data=split.source,
+        wall_s=time.time() - t0,
+    )
+    report(
+        workdir,
+        results,
+        samples,
+        rows,
+        config,
+        title=(
+            f'Robustness of {config.classifier.model.name} ({config.classifier.checkpoint}, '
+            f'step {step}) behind each purifier, {results["examples"]} '
+            f'{data.eval_split} images, accuracy %'
+        ),
+    )
     return results
 
 
-def report(workdir: str, results: Dict[str, Any], samples, rows: Sequence[Row], config,
-           title: str, writer=None) -> str:
+def report(
+    workdir: str,
+    results: Dict[str, Any],
+    samples,
+    rows: Sequence[Row],
+    config,
+    title: str,
+    writer=None,
+) -> str:
     """Prints the table, settings and sanity lines; writes the md, json, plot and grid."""
     header, table_rows = table(results)
     text = reporting.log_table(title, header, table_rows)
     notes = settings_lines(results, results.get('transfer_note', ''))
-    sources = [f'- {r.label}: {r.purifier.kind} ({r.source}; '
-               f'{"random" if r.purifier.random else "deterministic"}, '
-               f'{"differentiable" if r.purifier.differentiable else "BPDA"})' for r in rows]
+    sources = [
+        f'- {r.label}: {r.purifier.kind} ({r.source}; '
+        f'{"random" if r.purifier.random else "deterministic"}, '
+        f'{"differentiable" if r.purifier.differentiable else "BPDA"})'
+        for r in rows
+    ]
     sanity = sanity_lines(results['sanity'])
     if reporting.is_writer():
         print('\n'.join(notes + sanity) + '\n', flush=True)
-    md = '\n'.join([f'# {title}', '', text, '', 'Settings:', *notes, '', 'Purifiers:', *sources,
-                    '', 'Sanity checks:', *sanity, '',
-                    'Plot robustness_plot.png: accuracy against eps per attacker (eps 0 = clean '
-                    'C∘P). Grid robustness_grid.png, per purifier and sample: clean | P(clean) | '
-                    f'oblivious adversarial | P(it) | adaptive adversarial | P(it), attack '
-                    f'{samples.get("attack", "")}.'])
+    md = '\n'.join(
+        [
+            f'# {title}',
+            '',
+            text,
+            '',
+            'Settings:',
+            *notes,
+            '',
+            'Purifiers:',
+            *sources,
+            '',
+            'Sanity checks:',
+            *sanity,
+            '',
+            'Plot robustness_plot.png: accuracy against eps per attacker (eps 0 = clean '
+            'C∘P). Grid robustness_grid.png, per purifier and sample: clean | P(clean) | '
+            f'oblivious adversarial | P(it) | adaptive adversarial | P(it), attack '
+            f'{samples.get("attack", "")}.',
+        ]
+    )
     reporting.write_text(workdir, 'robustness_table.md', md)
     reporting.update_results(workdir, 'robustness', results)
     writer = writer or reporting.create_writer(workdir)
@@ -672,7 +851,8 @@ def report(workdir: str, results: Dict[str, Any], samples, rows: Sequence[Row], 
     writer.write_scalars(0, scalars)
     reporting.write_grid(workdir, 'robustness_plot.png', plot(results), writer)
     if samples.get('clean') is not None:
-        reporting.write_grid(workdir, 'robustness_grid.png', grid(samples, [r.label for r in rows]),
-                             writer)
+        reporting.write_grid(
+            workdir, 'robustness_grid.png', grid(samples, [r.label for r in rows]), writer
+        )
     writer.flush()
     return md

@@ -36,17 +36,20 @@ def upscale(apply: SRFn, lr: np.ndarray) -> np.ndarray:
     return sr.mean(-1) if gray else sr
 
 
-def evaluate_images(apply: Optional[SRFn], images: Sequence[Image], scale: int
-                    ) -> Dict[str, object]:
+def evaluate_images(
+    apply: Optional[SRFn], images: Sequence[Image], scale: int
+) -> Dict[str, object]:
     """Mean PSNR/SSIM of bicubic and (if given) of the model, plus per-image numbers."""
     rows = []
     for im in images:
         hr = image_ops.modcrop(im.pixels, scale)
         lr = make_lr(hr, scale)
         bic = image_ops.imresize(lr, scale)
-        row = {'name': im.name,
-               'bicubic_psnr': image_ops.psnr(bic, hr, scale),
-               'bicubic_ssim': image_ops.ssim(bic, hr, scale)}
+        row = {
+            'name': im.name,
+            'bicubic_psnr': image_ops.psnr(bic, hr, scale),
+            'bicubic_ssim': image_ops.ssim(bic, hr, scale),
+        }
         if apply is not None:
             sr = upscale(apply, lr)
             row['psnr'] = image_ops.psnr(sr, hr, scale)
@@ -57,11 +60,17 @@ def evaluate_images(apply: Optional[SRFn], images: Sequence[Image], scale: int
     return out
 
 
-def sample_grid_rows(apply: SRFn, images: Sequence[Image], scale: int,
-                     others: Sequence[SRFn] = (), crop: int = 96, count: int = 2
-                     ) -> List[List[np.ndarray]]:
+def sample_grid_rows(
+    apply: SRFn,
+    images: Sequence[Image],
+    scale: int,
+    others: Sequence[SRFn] = (),
+    crop: int = 96,
+    count: int = 2,
+) -> List[List[np.ndarray]]:
     """Rows of LR (pixel-replicated) | bicubic | model | *others | HR, centre crops."""
     from sr_purify.reporting import nearest_upscale
+
     rows = []
     for im in images[:count]:
         if im.pixels.ndim == 2:
@@ -70,10 +79,9 @@ def sample_grid_rows(apply: SRFn, images: Sequence[Image], scale: int,
         h, w = hr.shape[:2]
         c = min(crop * scale, h, w) // scale * scale
         y0, x0 = (h - c) // 2 // scale * scale, (w - c) // 2 // scale * scale
-        hr = hr[y0:y0 + c, x0:x0 + c]
+        hr = hr[y0 : y0 + c, x0 : x0 + c]
         lr = make_lr(hr, scale)
-        row = [nearest_upscale(lr, hr.shape[:2]), image_ops.imresize(lr, scale),
-               upscale(apply, lr)]
+        row = [nearest_upscale(lr, hr.shape[:2]), image_ops.imresize(lr, scale), upscale(apply, lr)]
         row += [upscale(f, lr) for f in others]
         row.append(hr)
         rows.append(row)
@@ -84,8 +92,9 @@ def parameter_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def flops(apply_with_params: Callable, params, scale: int,
-          output_hw: Sequence[int] = COST_OUTPUT_HW) -> float:
+def flops(
+    apply_with_params: Callable, params, scale: int, output_hw: Sequence[int] = COST_OUTPUT_HW
+) -> float:
     """XLA's FLOP count (2 per multiply-add) for one image of `output_hw` at `scale`."""
     lr = jax.ShapeDtypeStruct((1, output_hw[0] // scale, output_hw[1] // scale, 3), jnp.float32)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -107,32 +116,60 @@ def latency_ms(apply: SRFn, lr_hw: Sequence[int] = (128, 128), repeats: int = 5)
     return 1000.0 * float(np.median(times))
 
 
-def model_row(name: str, apply: Optional[SRFn], params, apply_with_params, scale: int,
-              metrics: Dict[str, object]) -> Dict[str, object]:
+def model_row(
+    name: str,
+    apply: Optional[SRFn],
+    params,
+    apply_with_params,
+    scale: int,
+    metrics: Dict[str, object],
+) -> Dict[str, object]:
     """One line of a results table: quality, parameters, FLOPs and latency."""
     if apply is None:
-        return {'model': name, 'psnr': metrics['bicubic_psnr'], 'ssim': metrics['bicubic_ssim'],
-                'params': 0, 'gflops_720p': 0.0, 'ms_per_128px_lr': float('nan')}
-    return {'model': name, 'psnr': metrics['psnr'], 'ssim': metrics['ssim'],
-            'params': parameter_count(params),
-            'gflops_720p': flops(apply_with_params, params, scale) / 1e9,
-            'ms_per_128px_lr': latency_ms(apply)}
+        return {
+            'model': name,
+            'psnr': metrics['bicubic_psnr'],
+            'ssim': metrics['bicubic_ssim'],
+            'params': 0,
+            'gflops_720p': 0.0,
+            'ms_per_128px_lr': float('nan'),
+        }
+    return {
+        'model': name,
+        'psnr': metrics['psnr'],
+        'ssim': metrics['ssim'],
+        'params': parameter_count(params),
+        'gflops_720p': flops(apply_with_params, params, scale) / 1e9,
+        'ms_per_128px_lr': latency_ms(apply),
+    }
 
 
-def compare(models: Sequence[tuple], datasets: Sequence[str], scale: int, workdir: str,
-            title: str, table_name: str = 'sr_table.md', writer=None, step: int = 0,
-            grid_name: Optional[str] = 'sr_grid.png') -> Dict[str, object]:
+def compare(
+    models: Sequence[tuple],
+    datasets: Sequence[str],
+    scale: int,
+    workdir: str,
+    title: str,
+    table_name: str = 'sr_table.md',
+    writer=None,
+    step: int = 0,
+    grid_name: Optional[str] = 'sr_grid.png',
+) -> Dict[str, object]:
     """Scores bicubic and each `(name, apply_with_params, params)` on every dataset.
 
     Prints and writes a markdown table, merges `sr` and `models` sections into results.json, and
     writes an image grid LR | bicubic | models... | HR from the first dataset.
     """
     from sr_purify import data, reporting
+
     applies = [(name, jax.jit(lambda x, f=f, p=p: f(p, x)), f, p) for name, f, p in models]
     results, rows, cost = {}, [], {}
     for name, f_apply, f, p in applies:
-        cost[name] = {'params': parameter_count(p), 'gflops_720p': flops(f, p, scale) / 1e9,
-                      'ms_per_128px_lr': latency_ms(f_apply)}
+        cost[name] = {
+            'params': parameter_count(p),
+            'gflops_720p': flops(f, p, scale) / 1e9,
+            'ms_per_128px_lr': latency_ms(f_apply),
+        }
     first_images = None
     for spec in datasets:
         set_name, images = data.eval_images(spec)
@@ -149,18 +186,36 @@ def compare(models: Sequence[tuple], datasets: Sequence[str], scale: int, workdi
         results[set_name] = {f'x{scale}': {'bicubic': bic, **per_model}}
         rows.append([set_name, f'x{scale}', 'bicubic', bic['psnr'], bic['ssim'], 0, 0.0, '-'])
         for name in per_model:
-            rows.append([set_name, f'x{scale}', name, per_model[name]['psnr'],
-                         per_model[name]['ssim'], cost[name]['params'],
-                         cost[name]['gflops_720p'], cost[name]['ms_per_128px_lr']])
-    header = ['dataset', 'scale', 'model', 'PSNR (Y)', 'SSIM (Y)', 'params', 'GFLOPs (720p out)',
-              'ms / 128px LR']
+            rows.append(
+                [
+                    set_name,
+                    f'x{scale}',
+                    name,
+                    per_model[name]['psnr'],
+                    per_model[name]['ssim'],
+                    cost[name]['params'],
+                    cost[name]['gflops_720p'],
+                    cost[name]['ms_per_128px_lr'],
+                ]
+            )
+    header = [
+        'dataset',
+        'scale',
+        'model',
+        'PSNR (Y)',
+        'SSIM (Y)',
+        'params',
+        'GFLOPs (720p out)',
+        'ms / 128px LR',
+    ]
     table = reporting.log_table(title, header, rows)
     reporting.write_text(workdir, table_name, f'# {title}\n\n{table}')
     reporting.update_results(workdir, 'sr', results)
     reporting.update_results(workdir, 'models', cost)
     if grid_name and applies and first_images:
-        grid_rows = sample_grid_rows(applies[0][1], first_images, scale,
-                                     others=[a[1] for a in applies[1:]])
+        grid_rows = sample_grid_rows(
+            applies[0][1], first_images, scale, others=[a[1] for a in applies[1:]]
+        )
         if grid_rows:
             reporting.write_grid(workdir, grid_name, reporting.image_grid(grid_rows), writer, step)
     return {'sr': results, 'models': cost, 'table': table}
@@ -169,6 +224,7 @@ def compare(models: Sequence[tuple], datasets: Sequence[str], scale: int, workdi
 def run(config, workdir: str):
     """Evaluate job, mode 'sr': bicubic and (given `config.checkpoint`) a restored SR model."""
     from sr_purify import checkpointing, data, models
+
     model_config = config.model
     if config.checkpoint and config.get('model_from_checkpoint', True):
         model_config = saved_model_config(config.checkpoint) or model_config
@@ -177,17 +233,28 @@ def run(config, workdir: str):
     if config.checkpoint:
         model = models.build(model_config)
         abstract = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params'])
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+        )
         params, step = checkpointing.restore_params(config.checkpoint, abstract, 'SR model')
-        entries.append((config.get('label', model_config.name),
-                        lambda p, x: model.apply({'params': p}, x), params))
+        entries.append(
+            (
+                config.get('label', model_config.name),
+                lambda p, x: model.apply({'params': p}, x),
+                params,
+            )
+        )
     for spec in config.datasets:
         if spec != 'embedded':
             data.list_image_files(spec)  # Fail at once on a wrong path, before any work.
-    return compare(entries, config.datasets, scale, workdir,
-                   title=f'SR evaluation x{scale}' + (f' of {config.checkpoint}'
-                                                       if config.checkpoint else ' (bicubic)'),
-                   grid_name='sr_grid.png' if entries else None)
+    return compare(
+        entries,
+        config.datasets,
+        scale,
+        workdir,
+        title=f'SR evaluation x{scale}'
+        + (f' of {config.checkpoint}' if config.checkpoint else ' (bicubic)'),
+        grid_name='sr_grid.png' if entries else None,
+    )
 
 
 def saved_model_config(checkpoint: str):
@@ -195,7 +262,9 @@ def saved_model_config(checkpoint: str):
     (in the checkpoint folder or its parent), so a user needs no architecture flags to evaluate."""
     import json
     import os
+
     import ml_collections
+
     for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
         path = os.path.join(folder, 'config.json')
         if os.path.exists(path):

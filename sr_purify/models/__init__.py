@@ -12,13 +12,10 @@ import flax.linen as nn
 import ml_collections
 
 from sr_purify import registry
-from sr_purify.models import classifiers
-from sr_purify.models import edsr
-from sr_purify.models import nrp
-from sr_purify.models import students
+from sr_purify.models import classifiers, edsr, nrp, students
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-        'edsr': edsr.EDSR,
+    'edsr': edsr.EDSR,
     'imdn': students.IMDN,
     'fsrcnn': students.FSRCNN,
     'resnet': classifiers.ResNet,
@@ -40,6 +37,8 @@ def build(model_config: ml_collections.ConfigDict, **overrides: Any) -> nn.Modul
     valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise ValueError(f'model {model_config.name!r} has no field(s) {unknown}; '
-                                          f'valid: {", ".join(sorted(valid))}')
+        raise ValueError(
+            f'model {model_config.name!r} has no field(s) {unknown}; '
+            f'valid: {", ".join(sorted(valid))}'
+        )
     return cls(**kwargs)

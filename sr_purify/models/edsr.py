@@ -20,7 +20,7 @@ Features = Dict[str, jax.Array]
 
 
 def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
-    """Depth-to-space: (N, H, W, C*s*s) -> (N, H*s, W*s, C), channel order as PyTorch's PixelShuffle."""
+    """Depth-to-space (N, H, W, C*s*s) -> (N, H*s, W*s, C), channel order as torch PixelShuffle."""
     n, h, w, c = x.shape
     oc = c // (scale * scale)
     x = x.reshape(n, h, w, oc, scale, scale)
@@ -34,14 +34,14 @@ VALID_SCALES = (2, 3, 4)
 def check_scale(scale: int) -> None:
     """Raises ValueError listing the valid scales unless `scale` is one of them."""
     if scale not in VALID_SCALES:
-        raise ValueError(f'scale {scale} not supported; valid: '
-                         f'{", ".join(map(str, VALID_SCALES))}')
+        raise ValueError(f'scale {scale} not supported; valid: {", ".join(map(str, VALID_SCALES))}')
 
 
 class SubPixelOutput(nn.Module):
     """One 3x3 conv to `channels * scale**2` then pixel shuffle (ESPCN / IMDN output stage).
 
     `zero_init`: a zero kernel, so that with a bicubic skip the untrained network is bicubic."""
+
     scale: int
     channels: int = 3
     zero_init: bool = False
@@ -49,13 +49,15 @@ class SubPixelOutput(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
-        x = nn.Conv(self.channels * self.scale * self.scale, (3, 3), kernel_init=init,
-                    name='conv')(x)
+        x = nn.Conv(self.channels * self.scale * self.scale, (3, 3), kernel_init=init, name='conv')(
+            x
+        )
         return pixel_shuffle(x, self.scale)
 
 
 class Upsampler(nn.Module):
     """Conv + pixel shuffle; x4 as two x2 stages (as EDSR), x2 and x3 in one."""
+
     features: int
     scale: int
 
@@ -100,6 +102,7 @@ class EDSR(nn.Module):
     shuffle, as ESPCN, Shi et al. CVPR 2016, and IMDN end): no HR-resolution conv, which for the
     slim student is 30 % of its FLOPs and of its CPU latency.
     """
+
     scale: int = 2
     num_blocks: int = 16
     features: int = 64
@@ -108,8 +111,9 @@ class EDSR(nn.Module):
     upsampler: str = 'edsr'
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_features: bool = False
-                              ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
+    def __call__(
+        self, x: jax.Array, return_features: bool = False
+    ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
         mean = jnp.asarray(DIV2K_MEAN, x.dtype)
         feats = {}
         h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
@@ -121,8 +125,9 @@ class EDSR(nn.Module):
         y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
         feats['body'] = y
         if self.upsampler not in UPSAMPLERS:
-            raise ValueError(f'unknown upsampler {self.upsampler!r}; valid: '
-                             f'{", ".join(UPSAMPLERS)}')
+            raise ValueError(
+                f'unknown upsampler {self.upsampler!r}; valid: {", ".join(UPSAMPLERS)}'
+            )
         # Zero last conv with the bicubic skip: the untrained network is exactly bicubic, and
         # training only adds detail.
         if self.upsampler == 'espcn':

@@ -35,30 +35,51 @@ def _same_padding(kernel: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
     return tuple(((k - 1) // 2, k // 2) for k in kernel)
 
 
-def conv_general_dilated_matmul(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                                padding: Union[str, Sequence[Tuple[int, int]]],
-                                lhs_dilation: Optional[Sequence[int]] = None,
-                                rhs_dilation: Optional[Sequence[int]] = None,
-                                dimension_numbers: Any = None, feature_group_count: int = 1,
-                                precision: Any = None, **kwargs) -> jax.Array:
+def conv_general_dilated_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Union[str, Sequence[Tuple[int, int]]],
+    lhs_dilation: Optional[Sequence[int]] = None,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs,
+) -> jax.Array:
     """`lax.conv_general_dilated` for NHWC/HWIO stride-1 convolutions as one dot over patches."""
-    plain = (lhs.ndim == 4 and dimension_numbers is not None
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
-             and all(s == 1 for s in window_strides) and feature_group_count == 1
-             and all(d == 1 for d in (lhs_dilation or (1, 1)))
-             and all(d == 1 for d in (rhs_dilation or (1, 1))) and not kwargs)
+    plain = (
+        lhs.ndim == 4
+        and dimension_numbers is not None
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+        and all(s == 1 for s in window_strides)
+        and feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and not kwargs
+    )
     if not plain or (isinstance(padding, str) and padding != 'SAME'):
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        precision=precision, **kwargs)
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     kh, kw, cin, cout = rhs.shape
     pads = _same_padding((kh, kw)) if isinstance(padding, str) else tuple(map(tuple, padding))
     if kh * kw > 1:
         n, h, w, _ = lhs.shape
         x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
         ho, wo = h + sum(pads[0]) - kh + 1, w + sum(pads[1]) - kw + 1
-        lhs = jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)],
-                              axis=-1)
+        lhs = jnp.concatenate(
+            [x[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)], axis=-1
+        )
     elif any(p for pair in pads for p in pair):
         lhs = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
     return jnp.dot(lhs, rhs.reshape(kh * kw * cin, cout), precision=precision)
@@ -70,8 +91,13 @@ def _impl_fn(impl: str):
     return conv_general_dilated_matmul if impl == 'matmul' else None
 
 
-def Conv(features: int, kernel_size: Sequence[int], *,  # pylint: disable=invalid-name
-         impl: str = 'xla', **kwargs) -> nn.Conv:
+def Conv(
+    features: int,
+    kernel_size: Sequence[int],
+    *,  # pylint: disable=invalid-name
+    impl: str = 'xla',
+    **kwargs,
+) -> nn.Conv:
     """`nn.Conv(features, kernel_size, **kwargs)` computed by `impl` ('xla' or 'matmul')."""
     return nn.Conv(features, kernel_size, conv_general_dilated=_impl_fn(impl), **kwargs)
 
@@ -92,8 +118,12 @@ def use_conv_impl(impl: str) -> Iterator[None]:
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (fn is not None and isinstance(module, nn.Conv) and context.method_name == '__call__'
-                and module.conv_general_dilated is None):
+        if (
+            fn is not None
+            and isinstance(module, nn.Conv)
+            and context.method_name == '__call__'
+            and module.conv_general_dilated is None
+        ):
             # The module is rebuilt on every apply, so setting the field here lasts one call.
             object.__setattr__(module, 'conv_general_dilated', fn)
         return next_fun(*args, **kwargs)

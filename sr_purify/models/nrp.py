@@ -18,59 +18,71 @@ _small_init = nn.initializers.variance_scaling(0.02, 'fan_in', 'normal')
 
 
 class ResidualDenseBlock(nn.Module):
-  """`num_layers` densely connected 3x3 convs (growth channels each, LeakyReLU 0.2), a 3x3 fuse
-  back to `features`, scaled residual."""
-  features: int
-  growth: int
-  num_layers: int = 4
-  res_scale: float = 0.2
+    """`num_layers` densely connected 3x3 convs (growth channels each, LeakyReLU 0.2), a 3x3 fuse
+    back to `features`, scaled residual."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    inputs = [x]
-    for i in range(self.num_layers):
-      y = nn.Conv(self.growth, (3, 3), kernel_init=_small_init, name=f'conv_{i}')(
-          jnp.concatenate(inputs, axis=-1))
-      inputs.append(nn.leaky_relu(y, 0.2))
-    y = nn.Conv(self.features, (3, 3), kernel_init=_small_init, name='fuse')(
-        jnp.concatenate(inputs, axis=-1))
-    return x + self.res_scale * y
+    features: int
+    growth: int
+    num_layers: int = 4
+    res_scale: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inputs = [x]
+        for i in range(self.num_layers):
+            y = nn.Conv(self.growth, (3, 3), kernel_init=_small_init, name=f'conv_{i}')(
+                jnp.concatenate(inputs, axis=-1)
+            )
+            inputs.append(nn.leaky_relu(y, 0.2))
+        y = nn.Conv(self.features, (3, 3), kernel_init=_small_init, name='fuse')(
+            jnp.concatenate(inputs, axis=-1)
+        )
+        return x + self.res_scale * y
 
 
 class RRDB(nn.Module):
-  """Residual-in-residual dense block: `num_dense` dense blocks and a scaled outer residual."""
-  features: int
-  growth: int
-  num_dense: int = 3
-  dense_layers: int = 4
-  res_scale: float = 0.2
+    """Residual-in-residual dense block: `num_dense` dense blocks and a scaled outer residual."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = x
-    for i in range(self.num_dense):
-      y = ResidualDenseBlock(self.features, self.growth, self.dense_layers, self.res_scale,
-                             name=f'rdb_{i}')(y)
-    return x + self.res_scale * y
+    features: int
+    growth: int
+    num_dense: int = 3
+    dense_layers: int = 4
+    res_scale: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x
+        for i in range(self.num_dense):
+            y = ResidualDenseBlock(
+                self.features, self.growth, self.dense_layers, self.res_scale, name=f'rdb_{i}'
+            )(y)
+        return x + self.res_scale * y
 
 
 class NRP(nn.Module):
-  """Purifier generator: `__call__(x)` returns x + residual with x's shape (any H, W)."""
-  num_blocks: int = 2
-  features: int = 32
-  growth: int = 16
-  num_dense: int = 3        # dense blocks per RRDB (ESRGAN: 3)
-  dense_layers: int = 4     # growth convs per dense block (ESRGAN: 4)
-  res_scale: float = 0.2
+    """Purifier generator: `__call__(x)` returns x + residual with x's shape (any H, W)."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), name='head')(x)
-    y = h
-    for i in range(self.num_blocks):
-      y = RRDB(self.features, self.growth, self.num_dense, self.dense_layers, self.res_scale,
-               name=f'block_{i + 1}')(y)
-    y = nn.Conv(self.features, (3, 3), name='trunk_conv')(y) + h
-    y = nn.leaky_relu(nn.Conv(self.features, (3, 3), name='tail_0')(y), 0.2)
-    residual = nn.Conv(x.shape[-1], (3, 3), name='tail_1')(y)
-    return x + residual
+    num_blocks: int = 2
+    features: int = 32
+    growth: int = 16
+    num_dense: int = 3  # dense blocks per RRDB (ESRGAN: 3)
+    dense_layers: int = 4  # growth convs per dense block (ESRGAN: 4)
+    res_scale: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Conv(self.features, (3, 3), name='head')(x)
+        y = h
+        for i in range(self.num_blocks):
+            y = RRDB(
+                self.features,
+                self.growth,
+                self.num_dense,
+                self.dense_layers,
+                self.res_scale,
+                name=f'block_{i + 1}',
+            )(y)
+        y = nn.Conv(self.features, (3, 3), name='trunk_conv')(y) + h
+        y = nn.leaky_relu(nn.Conv(self.features, (3, 3), name='tail_0')(y), 0.2)
+        residual = nn.Conv(x.shape[-1], (3, 3), name='tail_1')(y)
+        return x + residual

@@ -26,132 +26,147 @@ from sr_purify.models.edsr import DIV2K_MEAN, Features, SubPixelOutput, check_sc
 
 
 class CCA(nn.Module):
-  """Contrast-aware channel attention: per-channel (std + mean) -> 1x1 squeeze/excite -> sigmoid."""
-  features: int
-  reduction: int = 16
+    """Contrast-aware channel attention: per-channel (std + mean) -> 1x1 squeeze/excite, sigmoid."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-    # The epsilon keeps the gradient finite where a channel is constant (sqrt'(0) = inf).
-    contrast = jnp.sqrt(var + 1e-12) + mean
-    y = nn.Conv(max(1, self.features // self.reduction), (1, 1), name='squeeze')(contrast)
-    y = nn.relu(y)
-    y = nn.Conv(self.features, (1, 1), name='excite')(y)
-    return x * nn.sigmoid(y)
+    features: int
+    reduction: int = 16
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+        # The epsilon keeps the gradient finite where a channel is constant (sqrt'(0) = inf).
+        contrast = jnp.sqrt(var + 1e-12) + mean
+        y = nn.Conv(max(1, self.features // self.reduction), (1, 1), name='squeeze')(contrast)
+        y = nn.relu(y)
+        y = nn.Conv(self.features, (1, 1), name='excite')(y)
+        return x * nn.sigmoid(y)
 
 
 class IMDB(nn.Module):
-  """Information multi-distillation block (IMDN's IMDB)."""
-  features: int
-  distill_rate: float = 0.25
-  negative_slope: float = 0.05
-  cca_reduction: int = 16
+    """Information multi-distillation block (IMDN's IMDB)."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = int(self.features * self.distill_rate)
-    if not 0 < d < self.features:
-      raise ValueError(f'distill_rate {self.distill_rate} leaves {d} of {self.features} channels '
-                       'distilled; need 0 < distilled < features')
-    act = lambda t: nn.leaky_relu(t, self.negative_slope)
-    y = act(nn.Conv(self.features, (3, 3), name='conv_0')(x))
-    distilled = [y[..., :d]]
-    for i in (1, 2):
-      y = act(nn.Conv(self.features, (3, 3), name=f'conv_{i}')(y[..., d:]))
-      distilled.append(y[..., :d])
-    distilled.append(nn.Conv(d, (3, 3), name='conv_3')(y[..., d:]))
-    y = nn.Conv(self.features, (1, 1), name='fuse')(jnp.concatenate(distilled, axis=-1))
-    y = CCA(self.features, self.cca_reduction, name='cca')(y)
-    return x + y
+    features: int
+    distill_rate: float = 0.25
+    negative_slope: float = 0.05
+    cca_reduction: int = 16
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = int(self.features * self.distill_rate)
+        if not 0 < d < self.features:
+            raise ValueError(
+                f'distill_rate {self.distill_rate} leaves {d} of {self.features} channels '
+                'distilled; need 0 < distilled < features'
+            )
+        act = lambda t: nn.leaky_relu(t, self.negative_slope)
+        y = act(nn.Conv(self.features, (3, 3), name='conv_0')(x))
+        distilled = [y[..., :d]]
+        for i in (1, 2):
+            y = act(nn.Conv(self.features, (3, 3), name=f'conv_{i}')(y[..., d:]))
+            distilled.append(y[..., :d])
+        distilled.append(nn.Conv(d, (3, 3), name='conv_3')(y[..., d:]))
+        y = nn.Conv(self.features, (1, 1), name='fuse')(jnp.concatenate(distilled, axis=-1))
+        y = CCA(self.features, self.cca_reduction, name='cca')(y)
+        return x + y
 
 
 class IMDN(nn.Module):
-  """IMDN student. Defaults are CPU-small (3 blocks x 32 ch, 94,986 parameters at x2).
+    """IMDN student. Defaults are CPU-small (3 blocks x 32 ch, 94,986 parameters at x2).
 
-  The paper's IMDN is `num_blocks=6, features=64` (about 0.7 M parameters).
-  Taps: 'head' (first conv), 'block_{i}' (after IMDB i, 1-based), 'body' (after fuse, 3x3 conv and
-  the global skip), all LR-resolution with `features` channels.
-  """
-  scale: int = 2
-  num_blocks: int = 3
-  features: int = 32
-  distill_rate: float = 0.25
-  negative_slope: float = 0.05
-  cca_reduction: int = 16
+    The paper's IMDN is `num_blocks=6, features=64` (about 0.7 M parameters).
+    Taps: 'head' (first conv), 'block_{i}' (after IMDB i, 1-based), 'body' (after fuse, 3x3 conv and
+    the global skip), all LR-resolution with `features` channels.
+    """
 
-  def __post_init__(self):
-    check_scale(self.scale)
-    super().__post_init__()
+    scale: int = 2
+    num_blocks: int = 3
+    features: int = 32
+    distill_rate: float = 0.25
+    negative_slope: float = 0.05
+    cca_reduction: int = 16
 
-  @nn.compact
-  def __call__(self, x: jax.Array, return_features: bool = False
-               ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
-    mean = jnp.asarray(DIV2K_MEAN, x.dtype)
-    feats = {}
-    h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
-    feats['head'] = h
-    y = h
-    outs = []
-    for i in range(self.num_blocks):
-      y = IMDB(self.features, self.distill_rate, self.negative_slope, self.cca_reduction,
-               name=f'block_{i + 1}')(y)
-      feats[f'block_{i + 1}'] = y
-      outs.append(y)
-    y = nn.Conv(self.features, (1, 1), name='body_fuse')(jnp.concatenate(outs, axis=-1))
-    y = nn.leaky_relu(y, self.negative_slope)
-    y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
-    feats['body'] = y
-    y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
-    return (y, feats) if return_features else y
+    def __post_init__(self):
+        check_scale(self.scale)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, return_features: bool = False
+    ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
+        mean = jnp.asarray(DIV2K_MEAN, x.dtype)
+        feats = {}
+        h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
+        feats['head'] = h
+        y = h
+        outs = []
+        for i in range(self.num_blocks):
+            y = IMDB(
+                self.features,
+                self.distill_rate,
+                self.negative_slope,
+                self.cca_reduction,
+                name=f'block_{i + 1}',
+            )(y)
+            feats[f'block_{i + 1}'] = y
+            outs.append(y)
+        y = nn.Conv(self.features, (1, 1), name='body_fuse')(jnp.concatenate(outs, axis=-1))
+        y = nn.leaky_relu(y, self.negative_slope)
+        y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
+        feats['body'] = y
+        y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
+        return (y, feats) if return_features else y
 
 
 class ChannelPReLU(nn.Module):
-  """PReLU with one learned negative slope per channel (as FSRCNN), initialised to 0.25."""
-  init_slope: float = 0.25
+    """PReLU with one learned negative slope per channel (as FSRCNN), initialised to 0.25."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    slope = self.param('slope', nn.initializers.constant(self.init_slope), (x.shape[-1],),
-                       jnp.float32)
-    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+    init_slope: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.param(
+            'slope', nn.initializers.constant(self.init_slope), (x.shape[-1],), jnp.float32
+        )
+        return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
 class FSRCNN(nn.Module):
-  """FSRCNN(d, s, m) with a sub-pixel (pixel shuffle) output instead of the deconvolution.
+    """FSRCNN(d, s, m) with a sub-pixel (pixel shuffle) output instead of the deconvolution.
 
-  Defaults are the paper's d=56, s=12, m=4 (17,132 parameters at x2 on RGB).
-  Taps: 'head' (after feature extraction, d ch), 'map_{i}' (after mapping layer i, 1-based, s ch),
-  'body' (after expanding, d ch), all at LR resolution.
-  """
-  scale: int = 2
-  features: int = 56           # d
-  shrink: int = 12             # s
-  num_maps: int = 4            # m
-  activation: str = 'prelu'    # 'prelu' (channel-wise, as the paper) or 'relu'
+    Defaults are the paper's d=56, s=12, m=4 (17,132 parameters at x2 on RGB).
+    Taps: 'head' (after feature extraction, d ch), 'map_{i}' (after mapping layer i, 1-based, s ch),
+    'body' (after expanding, d ch), all at LR resolution.
+    """
 
-  def __post_init__(self):
-    check_scale(self.scale)
-    if self.activation not in ('prelu', 'relu'):
-      raise ValueError(f'activation {self.activation!r} not supported; valid: prelu, relu')
-    super().__post_init__()
+    scale: int = 2
+    features: int = 56  # d
+    shrink: int = 12  # s
+    num_maps: int = 4  # m
+    activation: str = 'prelu'  # 'prelu' (channel-wise, as the paper) or 'relu'
 
-  @nn.compact
-  def __call__(self, x: jax.Array, return_features: bool = False
-               ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
-    def act(name):
-      return ChannelPReLU(name=name) if self.activation == 'prelu' else nn.relu
+    def __post_init__(self):
+        check_scale(self.scale)
+        if self.activation not in ('prelu', 'relu'):
+            raise ValueError(f'activation {self.activation!r} not supported; valid: prelu, relu')
+        super().__post_init__()
 
-    mean = jnp.asarray(DIV2K_MEAN, x.dtype)
-    feats = {}
-    y = act('head_act')(nn.Conv(self.features, (5, 5), name='head')(x - mean))
-    feats['head'] = y
-    y = act('shrink_act')(nn.Conv(self.shrink, (1, 1), name='shrink')(y))
-    for i in range(self.num_maps):
-      y = act(f'map_{i + 1}_act')(nn.Conv(self.shrink, (3, 3), name=f'map_{i + 1}')(y))
-      feats[f'map_{i + 1}'] = y
-    y = act('expand_act')(nn.Conv(self.features, (1, 1), name='expand')(y))
-    feats['body'] = y
-    y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
-    return (y, feats) if return_features else y
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, return_features: bool = False
+    ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
+        def act(name):
+            return ChannelPReLU(name=name) if self.activation == 'prelu' else nn.relu
+
+        mean = jnp.asarray(DIV2K_MEAN, x.dtype)
+        feats = {}
+        y = act('head_act')(nn.Conv(self.features, (5, 5), name='head')(x - mean))
+        feats['head'] = y
+        y = act('shrink_act')(nn.Conv(self.shrink, (1, 1), name='shrink')(y))
+        for i in range(self.num_maps):
+            y = act(f'map_{i + 1}_act')(nn.Conv(self.shrink, (3, 3), name=f'map_{i + 1}')(y))
+            feats[f'map_{i + 1}'] = y
+        y = act('expand_act')(nn.Conv(self.features, (1, 1), name='expand')(y))
+        feats['body'] = y
+        y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
+        return (y, feats) if return_features else y

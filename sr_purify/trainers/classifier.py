@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from sr_purify import checkpointing, classification_data as cdata, models, reporting, sharding
-from sr_purify import training
+from sr_purify import checkpointing, models, reporting, sharding, training
+from sr_purify import classification_data as cdata
 
 
 def _split_variables(variables) -> Tuple[Any, Dict[str, Any]]:
@@ -31,6 +31,7 @@ def init_variables_fn(model, image_shape) -> Callable[[jax.Array], Tuple[Any, An
     def init_variables(rng):
         x = jnp.zeros((1, *image_shape), jnp.float32)
         return _split_variables(model.init(rng, x, train=False))
+
     return init_variables
 
 
@@ -41,8 +42,9 @@ def make_loss_fn(model) -> training.LossFn:
         del rng  # No dropout; augmentation happens in the input pipeline.
         variables = {'params': params, **model_state}
         if model_state:
-            logits, new_state = model.apply(variables, batch['image'], train=True,
-                                            mutable=list(model_state))
+            logits, new_state = model.apply(
+                variables, batch['image'], train=True, mutable=list(model_state)
+            )
         else:
             logits, new_state = model.apply(variables, batch['image'], train=True), model_state
         logits = logits.astype(jnp.float32)
@@ -63,6 +65,7 @@ def make_accuracy(predict: Callable, mesh, batch_size: int) -> Callable:
 
     One jitted function of a masked batch (compiled once: eval batches have a fixed shape).
     """
+
     def counts(variables, batch):
         logits = predict(variables, batch['image']).astype(jnp.float32)
         correct = (jnp.argmax(logits, -1) == batch['label']) * batch['mask']
@@ -73,9 +76,12 @@ def make_accuracy(predict: Callable, mesh, batch_size: int) -> Callable:
 
     def accuracy(variables, split: cdata.Split) -> Dict[str, float]:
         total = np.zeros(3, np.float64)
-        for batch in cdata.eval_batches(split, global_batch=batch_size,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count()):
+        for batch in cdata.eval_batches(
+            split,
+            global_batch=batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
             total += np.asarray(jax.device_get(counts(variables, sharding.to_global(batch, mesh))))
         correct, loss, n = total
         return {'accuracy': correct / n, 'loss': loss / n, 'examples': int(n)}
@@ -86,18 +92,24 @@ def make_accuracy(predict: Callable, mesh, batch_size: int) -> Callable:
 def load_data(config: ml_collections.ConfigDict) -> Tuple[cdata.Split, cdata.Split]:
     """(training subset, evaluation subset); class lists must agree."""
     data = config.data
-    train = cdata.subset(cdata.load_split(data, data.train_split), data.train_examples,
-                         data.subset_seed)
-    test = cdata.subset(cdata.load_split(data, data.eval_split), data.eval_examples,
-                        data.subset_seed)
+    train = cdata.subset(
+        cdata.load_split(data, data.train_split), data.train_examples, data.subset_seed
+    )
+    test = cdata.subset(
+        cdata.load_split(data, data.eval_split), data.eval_examples, data.subset_seed
+    )
     if train.class_names != test.class_names:
-        raise ValueError(f'classes differ between {train.source!r} {train.class_names} and '
-                         f'{test.source!r} {test.class_names}')
+        raise ValueError(
+            f'classes differ between {train.source!r} {train.class_names} and '
+            f'{test.source!r} {test.class_names}'
+        )
     num_classes = config.model.get('num_classes', 10)
     if len(train.class_names) != num_classes:
-        raise ValueError(f'the data has {len(train.class_names)} classes, the model '
-                         f'{num_classes}; set --config.model.num_classes='
-                         f'{len(train.class_names)}')
+        raise ValueError(
+            f'the data has {len(train.class_names)} classes, the model '
+            f'{num_classes}; set --config.model.num_classes='
+            f'{len(train.class_names)}'
+        )
     return train, test
 
 
@@ -105,24 +117,37 @@ def parameter_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       writer=None) -> training.FitResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, writer=None
+) -> training.FitResult:
     """Trains, evaluates and reports; `writer` replaces the clu writer (tests record with it)."""
     reporting.check_workdir(workdir)
     reporting.write_config(workdir, config)
     model = models.build(config.model)
     train, test = load_data(config)
-    logging.info('classifier %s: %d training / %d evaluation images from %s',
-                 config.model.name, len(train), len(test), train.source)
+    logging.info(
+        'classifier %s: %d training / %d evaluation images from %s',
+        config.model.name,
+        len(train),
+        len(test),
+        train.source,
+    )
     mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
     sharding.check_batch(config.eval_batch_size, mesh)
     accuracy = make_accuracy(make_predict(model), mesh, config.eval_batch_size)
 
     def batches(start_step):
         return cdata.train_batches(
-            train, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            pad=config.data.pad, flip=config.data.flip, prefetch=config.data.prefetch)
+            train,
+            global_batch=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            pad=config.data.pad,
+            flip=config.data.flip,
+            prefetch=config.data.prefetch,
+        )
 
     def evaluate(state, step):
         del step
@@ -131,29 +156,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     writer = writer or reporting.create_writer(workdir)
     result = training.fit(
-        config, workdir, init_variables=init_variables_fn(model, test.images.shape[1:]),
-        loss_fn=make_loss_fn(model), batches=batches, evaluate=evaluate, writer=writer)
+        config,
+        workdir,
+        init_variables=init_variables_fn(model, test.images.shape[1:]),
+        loss_fn=make_loss_fn(model),
+        batches=batches,
+        evaluate=evaluate,
+        writer=writer,
+    )
     if result.preempted:
         return result
     final = accuracy({'params': result.state.params, **result.state.model_state}, test)
-    writer.write_scalars(result.step, {'eval/accuracy': final['accuracy'],
-                                       'eval/loss': final['loss']})
+    writer.write_scalars(
+        result.step, {'eval/accuracy': final['accuracy'], 'eval/loss': final['loss']}
+    )
     name = config.get('role', 'classifier')
     summary = {
-        'model': config.model.to_dict(), 'accuracy': final['accuracy'], 'loss': final['loss'],
-        'eval_examples': final['examples'], 'eval_split': config.data.eval_split,
-        'train_examples': len(train), 'data': train.source,
-        'params': parameter_count(result.state.params), 'steps': result.step,
-        'steps_per_sec': result.steps_per_sec, 'wall_s': result.wall_s}
+        'model': config.model.to_dict(),
+        'accuracy': final['accuracy'],
+        'loss': final['loss'],
+        'eval_examples': final['examples'],
+        'eval_split': config.data.eval_split,
+        'train_examples': len(train),
+        'data': train.source,
+        'params': parameter_count(result.state.params),
+        'steps': result.step,
+        'steps_per_sec': result.steps_per_sec,
+        'wall_s': result.wall_s,
+    }
     reporting.update_results(workdir, 'classifier', summary)
     table = reporting.log_table(
         f'{name} ({config.model.name}) after {result.step} steps',
         ['model', 'params', 'train images', 'eval images', 'accuracy', 'steps/s', 'wall s'],
-        [[config.model.name, summary['params'], len(train), final['examples'],
-          final['accuracy'], result.steps_per_sec, result.wall_s]])
+        [
+            [
+                config.model.name,
+                summary['params'],
+                len(train),
+                final['examples'],
+                final['accuracy'],
+                result.steps_per_sec,
+                result.wall_s,
+            ]
+        ],
+    )
     reporting.write_text(workdir, 'classifier_table.md', f'# {name}\n\n{table}')
-    logging.info('%s accuracy %.4f on %d %s images; %.2f steps/s', name, final['accuracy'],
-                 final['examples'], config.data.eval_split, result.steps_per_sec)
+    logging.info(
+        '%s accuracy %.4f on %d %s images; %.2f steps/s',
+        name,
+        final['accuracy'],
+        final['examples'],
+        config.data.eval_split,
+        result.steps_per_sec,
+    )
     writer.flush()
     return result
 
@@ -162,9 +217,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 # Restoring a trained classifier in another job.
 
 
-def restore(checkpoint: str, model_config: ml_collections.ConfigDict,
-            image_shape: Tuple[int, int, int] = (32, 32, 3),
-            flag: str = '--config.classifier.checkpoint') -> Tuple[Any, int]:
+def restore(
+    checkpoint: str,
+    model_config: ml_collections.ConfigDict,
+    image_shape: Tuple[int, int, int] = (32, 32, 3),
+    flag: str = '--config.classifier.checkpoint',
+) -> Tuple[Any, int]:
     """Variables ({'params', 'batch_stats'...}) of the newest valid step of a classifier job.
 
     `checkpoint` is the job's workdir or its checkpoints/ folder. A missing one raises
@@ -175,13 +233,18 @@ def restore(checkpoint: str, model_config: ml_collections.ConfigDict,
         raise FileNotFoundError(
             f'no classifier checkpoint in {checkpoint!r}; pass {flag}=<workdir of a finished '
             f'classifier job>, e.g. after python launch.py --config=configs/classifier.py '
-            f'--workdir=workdirs/classifier')
+            f'--workdir=workdirs/classifier'
+        )
     model = models.build(model_config)
-    abstract = flax.core.unfreeze(jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)))
+    abstract = flax.core.unfreeze(
+        jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+        )
+    )
     state, step = checkpointing.restore_newest(directory, 'classifier')
     saved = {'params': state['params'], **(state.get('model_state') or {})}
     checkpointing.check_compatible(saved, abstract, f'{directory} step {step}')
-    variables = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract,
-                             {k: saved[k] for k in abstract})
+    variables = jax.tree.map(
+        lambda a, x: np.asarray(x, a.dtype), abstract, {k: saved[k] for k in abstract}
+    )
     return variables, step

@@ -33,6 +33,7 @@ LOSS_TERMS = ('pixel', 'feature', 'identity')
 # ---------------------------------------------------------------------------------------------
 # Unlabelled images.
 
+
 def load_images(config: ml_collections.ConfigDict) -> Tuple[Any, np.ndarray, str]:
     """(training bank, held-out uint8 images, source). No labels leave this function.
 
@@ -41,10 +42,12 @@ def load_images(config: ml_collections.ConfigDict) -> Tuple[Any, np.ndarray, str
     """
     d = config.data
     if d.source not in DATA_SOURCES:
-        raise ValueError(f'unknown purifier data source {d.source!r}; valid: '
-                         f'{", ".join(DATA_SOURCES)}')
+        raise ValueError(
+            f'unknown purifier data source {d.source!r}; valid: {", ".join(DATA_SOURCES)}'
+        )
     if d.source == 'cifar':
         from sr_purify import classification_data as cdata
+
         c = d.cifar
         train = cdata.subset(cdata.load_split(c, c.train_split), c.train_examples, c.subset_seed)
         held = cdata.subset(cdata.load_split(c, c.eval_split), d.eval_images, c.subset_seed)
@@ -52,10 +55,12 @@ def load_images(config: ml_collections.ConfigDict) -> Tuple[Any, np.ndarray, str
             return list(train.images), _fixed_crops(list(held.images), d.patch), train.source
         return train.images, held.images, train.source
     from sr_purify import data as sr_data
+
     if d.source == 'folder':
         if not d.path:
-            raise FileNotFoundError('purifier data source folder needs --config.data.path=<a '
-                                    'folder of images>')
+            raise FileNotFoundError(
+                'purifier data source folder needs --config.data.path=<a folder of images>'
+            )
         spec = ml_collections.ConfigDict(dict(source='folder', path=d.path, skip_bad=False))
         bank = [im.pixels for im in sr_data.load_images(spec, 'train')]
         held = bank  # An unlabelled folder has no held-out split; crops at fixed places.
@@ -67,8 +72,10 @@ def load_images(config: ml_collections.ConfigDict) -> Tuple[Any, np.ndarray, str
         source = 'embedded scikit-image photos'
     small = [im.shape for im in bank if min(im.shape[:2]) < d.patch]
     if small:
-        raise ValueError(f'{len(small)} image(s) of {source} are smaller than the {d.patch}-pixel '
-                         f'crop (e.g. {small[0]}); use a smaller --config.data.patch')
+        raise ValueError(
+            f'{len(small)} image(s) of {source} are smaller than the {d.patch}-pixel '
+            f'crop (e.g. {small[0]}); use a smaller --config.data.patch'
+        )
     return bank, _fixed_crops(held, d.patch, d.eval_images), source
 
 
@@ -80,21 +87,30 @@ def _fixed_crops(images, patch: int, count: int = 0) -> np.ndarray:
         im = images[j % len(images)]
         y = rng.integers(0, im.shape[0] - patch + 1)
         x = rng.integers(0, im.shape[1] - patch + 1)
-        out[j] = im[y:y + patch, x:x + patch, :3]
+        out[j] = im[y : y + patch, x : x + patch, :3]
     return out
 
 
-def image_batches(bank, *, patch: int, global_batch: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, flip: bool = True
-                  ) -> Iterator[Dict[str, np.ndarray]]:
+def image_batches(
+    bank,
+    *,
+    patch: int,
+    global_batch: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    flip: bool = True,
+) -> Iterator[Dict[str, np.ndarray]]:
     """This process's share of `{'image': float32 (B, patch, patch, 3)}` batches, forever.
 
     Global batch t is a pure function of (seed, t): random images (with replacement), random
     crops, random horizontal flips; so a resumed run and any process count see the same batches.
     """
     if global_batch % process_count:
-        raise ValueError(f'global batch {global_batch} is not divisible by the process count '
-                         f'{process_count}')
+        raise ValueError(
+            f'global batch {global_batch} is not divisible by the process count {process_count}'
+        )
     local = global_batch // process_count
     n = len(bank)
     if n == 0:
@@ -114,7 +130,7 @@ def image_batches(bank, *, patch: int, global_batch: int, seed: int, start_step:
                 im = bank[i]
                 y = int(fy * (im.shape[0] - patch + 1))
                 x = int(fx * (im.shape[1] - patch + 1))
-                images[j] = im[y:y + patch, x:x + patch, :3]
+                images[j] = im[y : y + patch, x : x + patch, :3]
         images = np.where(flips[mine, None, None, None], images[:, :, ::-1], images)
         yield {'image': images.astype(np.float32) / 255.0}
 
@@ -122,34 +138,43 @@ def image_batches(bank, *, patch: int, global_batch: int, seed: int, start_step:
 # ---------------------------------------------------------------------------------------------
 # The loss.
 
+
 def check_config(config: ml_collections.ConfigDict) -> Dict[str, float]:
     """Active loss weights; fails on a kind with nothing to train or a bad mix, before any work."""
     kind = config.purifier.kind
     purifiers._check_kind(kind)
     if kind not in purifiers.TRAINABLE:
-        raise ValueError(f'purifier kind {kind!r} has no parameters to train; valid: '
-                         f'{", ".join(sorted(purifiers.TRAINABLE))} (evaluate {kind!r} directly '
-                         f'with configs/evaluate.py:robustness)')
+        raise ValueError(
+            f'purifier kind {kind!r} has no parameters to train; valid: '
+            f'{", ".join(sorted(purifiers.TRAINABLE))} (evaluate {kind!r} directly '
+            f'with configs/evaluate.py:robustness)'
+        )
     weights = dict(config.loss)
     unknown = sorted(set(weights) - set(LOSS_TERMS))
     if unknown:
         raise ValueError(f'unknown purifier loss {unknown[0]!r}; valid: {", ".join(LOSS_TERMS)}')
     if any(w < 0 for w in weights.values()) or not weights.get('pixel', 0) + weights.get(
-            'feature', 0):
-        raise ValueError(f'purifier loss weights must be >= 0 with pixel or feature > 0; got '
-                         f'{weights}')
+        'feature', 0
+    ):
+        raise ValueError(
+            f'purifier loss weights must be >= 0 with pixel or feature > 0; got {weights}'
+        )
     p = config.perturb
     fractions = (p.ssp, p.pgd, p.noise)
     if min(fractions) < 0 or sum(fractions) <= 0:
-        raise ValueError(f'perturb fractions (ssp, pgd, noise) must be >= 0 and not all 0; got '
-                         f'{fractions}')
+        raise ValueError(
+            f'perturb fractions (ssp, pgd, noise) must be >= 0 and not all 0; got {fractions}'
+        )
     if p.pgd > 0 and config.purifier.feature.kind != 'classifier':
-        raise ValueError(f'perturb.pgd > 0 attacks F\'s own predictions and needs '
-                         f'purifier.feature.kind=classifier; got '
-                         f'{config.purifier.feature.kind!r} (set perturb.pgd=0)')
+        raise ValueError(
+            f"perturb.pgd > 0 attacks F's own predictions and needs "
+            f'purifier.feature.kind=classifier; got '
+            f'{config.purifier.feature.kind!r} (set perturb.pgd=0)'
+        )
     if config.purifier.feature.distance not in ('l1', 'l2'):
-        raise ValueError(f'unknown feature distance {config.purifier.feature.distance!r}; '
-                         f'valid: l1, l2')
+        raise ValueError(
+            f'unknown feature distance {config.purifier.feature.distance!r}; valid: l1, l2'
+        )
     return {k: float(w) for k, w in weights.items() if w}
 
 
@@ -171,15 +196,28 @@ def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
 
 
-def make_perturb(feature: purifiers.FeatureExtractor, perturb: ml_collections.ConfigDict,
-                 batch: int):
+def make_perturb(
+    feature: purifiers.FeatureExtractor, perturb: ml_collections.ConfigDict, batch: int
+):
     """`(feature_params, x, rng) -> x'`, label-free, per the configured mix."""
     n_ssp, n_pgd, n_noise = mix_counts(perturb, batch)
-    ssp = attacks.make_attack(attacks.attack_config(
-        name='ssp', eps=perturb.eps, steps=perturb.steps, step_size=perturb.step_size))
-    pgd = attacks.make_attack(attacks.attack_config(
-        name='pgd', eps=perturb.pgd_eps, steps=perturb.pgd_steps,
-        step_size=perturb.pgd_step_size)) if n_pgd else None
+    ssp = attacks.make_attack(
+        attacks.attack_config(
+            name='ssp', eps=perturb.eps, steps=perturb.steps, step_size=perturb.step_size
+        )
+    )
+    pgd = (
+        attacks.make_attack(
+            attacks.attack_config(
+                name='pgd',
+                eps=perturb.pgd_eps,
+                steps=perturb.pgd_steps,
+                step_size=perturb.pgd_step_size,
+            )
+        )
+        if n_pgd
+        else None
+    )
 
     def make(fparams, x, rng):
         k_ssp, k_pgd, k_noise = jax.random.split(rng, 3)
@@ -187,12 +225,12 @@ def make_perturb(feature: purifiers.FeatureExtractor, perturb: ml_collections.Co
         if n_ssp:
             parts.append(ssp(feature.fn, fparams, x[:n_ssp], k_ssp))
         if n_pgd:
-            xp = x[n_ssp:n_ssp + n_pgd]
+            xp = x[n_ssp : n_ssp + n_pgd]
             # F's own predictions, not data labels: the purifier never sees a label.
             pseudo = jnp.argmax(feature.logits(fparams, xp), axis=-1)
             parts.append(pgd(feature.logits, fparams, xp, k_pgd, pseudo))
         if n_noise:
-            xn = x[n_ssp + n_pgd:]
+            xn = x[n_ssp + n_pgd :]
             noise = perturb.noise_std * jax.random.normal(k_noise, xn.shape, xn.dtype)
             parts.append(jnp.clip(xn + noise, min=0.0, max=1.0))
         return jax.lax.stop_gradient(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
@@ -200,18 +238,27 @@ def make_perturb(feature: purifiers.FeatureExtractor, perturb: ml_collections.Co
     return make
 
 
-def make_loss_fn(purifier: purifiers.Purifier, feature: purifiers.FeatureExtractor,
-                 config: ml_collections.ConfigDict):
+def make_loss_fn(
+    purifier: purifiers.Purifier,
+    feature: purifiers.FeatureExtractor,
+    config: ml_collections.ConfigDict,
+):
     """`loss_fn(params, model_state, batch, rng, feature_params)` for `training.fit`."""
     weights = check_config(config)
     perturb = make_perturb(feature, config.perturb, config.batch_size)
-    distance = (lambda a, b: jnp.mean(jnp.abs(a - b))) if (
-        config.purifier.feature.distance == 'l1') else (lambda a, b: jnp.mean(jnp.square(a - b)))
+    distance = (
+        (lambda a, b: jnp.mean(jnp.abs(a - b)))
+        if (config.purifier.feature.distance == 'l1')
+        else (lambda a, b: jnp.mean(jnp.square(a - b)))
+    )
 
     def forward(params, x, rng):
         if purifier.random:  # Train on what deployment sees: noise, then the network.
-            x = jnp.clip(x + purifier.input_noise * jax.random.normal(rng, x.shape, x.dtype),
-                         min=0.0, max=1.0)
+            x = jnp.clip(
+                x + purifier.input_noise * jax.random.normal(rng, x.shape, x.dtype),
+                min=0.0,
+                max=1.0,
+            )
         return purifier.raw(params, x)
 
     def loss_fn(params, model_state, batch, rng, fparams):
@@ -238,8 +285,13 @@ def make_loss_fn(purifier: purifiers.Purifier, feature: purifiers.FeatureExtract
 # ---------------------------------------------------------------------------------------------
 # Label-free report.
 
-def make_report(purifier: purifiers.Purifier, feature: purifiers.FeatureExtractor,
-                config: ml_collections.ConfigDict, images: np.ndarray):
+
+def make_report(
+    purifier: purifiers.Purifier,
+    feature: purifiers.FeatureExtractor,
+    config: ml_collections.ConfigDict,
+    images: np.ndarray,
+):
     """`params -> (metrics, samples)` on held-out images with a fixed SSP key."""
     x = jnp.asarray(images, jnp.float32) / 255.0
     perturb = make_perturb(feature, config.perturb, len(images))
@@ -253,10 +305,13 @@ def make_report(purifier: purifiers.Purifier, feature: purifiers.FeatureExtracto
         p_adv = purifier.purify(params, x_adv, k)
         p_clean = purifier.purify(params, x, k)
         f_clean = feature.fn(fparams, x)
-        metrics = {'psnr_perturbed': psnr(x_adv, x), 'psnr_purified': psnr(p_adv, x),
-                   'psnr_clean_through_p': psnr(p_clean, x),
-                   'feature_l1_perturbed': distance(feature.fn(fparams, x_adv), f_clean),
-                   'feature_l1_purified': distance(feature.fn(fparams, p_adv), f_clean)}
+        metrics = {
+            'psnr_perturbed': psnr(x_adv, x),
+            'psnr_purified': psnr(p_adv, x),
+            'psnr_clean_through_p': psnr(p_clean, x),
+            'feature_l1_perturbed': distance(feature.fn(fparams, x_adv), f_clean),
+            'feature_l1_purified': distance(feature.fn(fparams, p_adv), f_clean),
+        }
         return metrics, (x_adv, p_adv, p_clean)
 
     def report(params):
@@ -282,8 +337,9 @@ class _LossLog:
         return getattr(self._writer, name)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       writer=None) -> training.FitResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, writer=None
+) -> training.FitResult:
     """Trains P with no labels, exports it, reports; `writer` replaces the clu writer."""
     check_config(config)
     reporting.check_workdir(workdir)
@@ -294,18 +350,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Resolve the starting point now (it may read a student checkpoint) so `init` is pure.
     start = purifiers.initial_params(purifier, config.purifier, jax.random.key(config.seed))
     reporting.write_config(workdir, config)
-    logging.info('purifier %s: %d unlabelled training images from %s; F = %s', purifier.kind,
-                 len(bank), source, feature.source)
+    logging.info(
+        'purifier %s: %d unlabelled training images from %s; F = %s',
+        purifier.kind,
+        len(bank),
+        source,
+        feature.source,
+    )
 
     def init_variables(rng):
         del rng  # The starting point is fixed (a student checkpoint or a seeded init).
         return jax.tree.map(jnp.asarray, start), {}
 
     def batches(start_step):
-        return image_batches(bank, patch=config.data.patch, global_batch=config.batch_size,
-                             seed=config.seed, start_step=start_step,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count(), flip=config.data.flip)
+        return image_batches(
+            bank,
+            patch=config.data.patch,
+            global_batch=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            flip=config.data.flip,
+        )
 
     report = make_report(purifier, feature, config, held)
 
@@ -315,9 +382,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return {f'eval/{k}': v for k, v in metrics.items()}
 
     log = _LossLog(writer or reporting.create_writer(workdir))
-    result = training.fit(config, workdir, init_variables=init_variables,
-                          loss_fn=make_loss_fn(purifier, feature, config), batches=batches,
-                          evaluate=evaluate, frozen=feature.params, writer=log)
+    result = training.fit(
+        config,
+        workdir,
+        init_variables=init_variables,
+        loss_fn=make_loss_fn(purifier, feature, config),
+        batches=batches,
+        evaluate=evaluate,
+        frozen=feature.params,
+        writer=log,
+    )
     if result.preempted:
         return result
     params = sharding.to_host(result.state.params)
@@ -326,35 +400,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     after, (x_adv, p_adv, p_clean) = report(params)
     log.write_scalars(result.step, {f'eval/{k}': v for k, v in after.items()})
 
-    title = (f'purifier {purifier.kind} after {result.step} steps (no labels; F = '
-             f'{feature.kind}), {len(held)} held-out images, x\' = training perturbation mix')
+    title = (
+        f'purifier {purifier.kind} after {result.step} steps (no labels; F = '
+        f"{feature.kind}), {len(held)} held-out images, x' = training perturbation mix"
+    )
     header = ['', "PSNR x' vs x", "PSNR P(x') vs x", 'PSNR P(x) vs x', "F L1 x'", "F L1 P(x')"]
-    rows = [[name, m['psnr_perturbed'], m['psnr_purified'], m['psnr_clean_through_p'],
-             m['feature_l1_perturbed'], m['feature_l1_purified']]
-            for name, m in (('start', before), ('trained', after))]
+    rows = [
+        [
+            name,
+            m['psnr_perturbed'],
+            m['psnr_purified'],
+            m['psnr_clean_through_p'],
+            m['feature_l1_perturbed'],
+            m['feature_l1_purified'],
+        ]
+        for name, m in (('start', before), ('trained', after))
+    ]
     table = reporting.log_table(title, header, rows)
     losses = log.losses
     summary = {
-        'kind': purifier.kind, 'feature': feature.source, 'data': source,
-        'train_images': len(bank), 'labels_used': False, 'export': export_dir,
-        'steps': result.step, 'steps_per_sec': result.steps_per_sec, 'wall_s': result.wall_s,
+        'kind': purifier.kind,
+        'feature': feature.source,
+        'data': source,
+        'train_images': len(bank),
+        'labels_used': False,
+        'export': export_dir,
+        'steps': result.step,
+        'steps_per_sec': result.steps_per_sec,
+        'wall_s': result.wall_s,
         'first_loss': losses[0][1] if losses else None,
         'last_loss': losses[-1][1] if losses else None,
-        'start': before, 'trained': after,
-        'student_checkpoint': config.purifier.get('student_checkpoint', '')}
+        'start': before,
+        'trained': after,
+        'student_checkpoint': config.purifier.get('student_checkpoint', ''),
+    }
     reporting.update_results(workdir, 'purifier', summary)
-    reporting.write_text(workdir, 'purifier_table.md',
-                         f'# {title}\n\n{table}\n\nGrid purifier_grid.png, one row per image: '
-                         f"clean | x' | P(x') | P(x).\nPurifier parameters: {export_dir}")
+    reporting.write_text(
+        workdir,
+        'purifier_table.md',
+        f'# {title}\n\n{table}\n\nGrid purifier_grid.png, one row per image: '
+        f"clean | x' | P(x') | P(x).\nPurifier parameters: {export_dir}",
+    )
     n = min(config.get('grid_samples', 6), len(held))
     up = (held.shape[1] * 3, held.shape[2] * 3)
-    grid_rows = [[reporting.nearest_upscale(t, up) for t in
-                  (held[i].astype(np.float32) / 255.0, x_adv[i], p_adv[i], p_clean[i])]
-                 for i in range(n)]
-    reporting.write_grid(workdir, 'purifier_grid.png', reporting.image_grid(grid_rows), log,
-                         result.step)
-    logging.info('purifier %s: PSNR of P(x\') %.2f dB (x\' %.2f dB), %.2f steps/s, %.0f s',
-                 purifier.kind, after['psnr_purified'], after['psnr_perturbed'],
-                 result.steps_per_sec, result.wall_s)
+    grid_rows = [
+        [
+            reporting.nearest_upscale(t, up)
+            for t in (held[i].astype(np.float32) / 255.0, x_adv[i], p_adv[i], p_clean[i])
+        ]
+        for i in range(n)
+    ]
+    reporting.write_grid(
+        workdir, 'purifier_grid.png', reporting.image_grid(grid_rows), log, result.step
+    )
+    logging.info(
+        "purifier %s: PSNR of P(x') %.2f dB (x' %.2f dB), %.2f steps/s, %.0f s",
+        purifier.kind,
+        after['psnr_purified'],
+        after['psnr_perturbed'],
+        result.steps_per_sec,
+        result.wall_s,
+    )
     log.flush()
     return result

@@ -18,9 +18,14 @@ from sr_purify.evaluators import sr as sr_eval
 def sr_batches(config: ml_collections.ConfigDict, scale: int):
     """`start_step -> iterator` of this process's share of the training batches."""
     return lambda start_step: data.sr_train_batches(
-        config.data, scale=scale, global_batch=config.batch_size, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        config.data,
+        scale=scale,
+        global_batch=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def psnr_evaluator(apply_with_params, images, scale: int, prefix: str = 'eval'):
@@ -31,14 +36,18 @@ def psnr_evaluator(apply_with_params, images, scale: int, prefix: str = 'eval'):
         del step
         params = sharding.to_host(state.params)  # Local copy: evaluation runs per process.
         m = sr_eval.evaluate_images(lambda x: apply(params, x), images, scale)
-        return {f'{prefix}/psnr': m['psnr'], f'{prefix}/ssim': m['ssim'],
-                f'{prefix}/bicubic_psnr': m['bicubic_psnr']}
+        return {
+            f'{prefix}/psnr': m['psnr'],
+            f'{prefix}/ssim': m['ssim'],
+            f'{prefix}/bicubic_psnr': m['bicubic_psnr'],
+        }
 
     return evaluate
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       writer=None) -> training.FitResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, writer=None
+) -> training.FitResult:
     """Trains, evaluates and reports; `writer` replaces the clu writer (tests record with it)."""
     reporting.check_workdir(workdir)
     reporting.write_config(workdir, config)
@@ -61,20 +70,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     writer = writer or reporting.create_writer(workdir)
     result = training.fit(
-        config, workdir, init_variables=init_variables, loss_fn=loss_fn,
+        config,
+        workdir,
+        init_variables=init_variables,
+        loss_fn=loss_fn,
         batches=sr_batches(config, scale),
-        evaluate=psnr_evaluator(apply_with_params, periodic_images, scale), writer=writer)
+        evaluate=psnr_evaluator(apply_with_params, periodic_images, scale),
+        writer=writer,
+    )
     if result.preempted:
         return result
     name = config.get('role', 'model')
-    summary = sr_eval.compare([(name, apply_with_params, sharding.to_host(result.state.params))],
-                              config.eval.datasets, scale, workdir,
-                              title=f'{name} ({config.model.name}) after {result.step} steps',
-                              writer=writer, step=result.step)
-    reporting.update_results(workdir, 'train', {name: {
-        'steps': result.step, 'steps_per_sec': result.steps_per_sec, 'wall_s': result.wall_s}})
+    summary = sr_eval.compare(
+        [(name, apply_with_params, sharding.to_host(result.state.params))],
+        config.eval.datasets,
+        scale,
+        workdir,
+        title=f'{name} ({config.model.name}) after {result.step} steps',
+        writer=writer,
+        step=result.step,
+    )
+    reporting.update_results(
+        workdir,
+        'train',
+        {
+            name: {
+                'steps': result.step,
+                'steps_per_sec': result.steps_per_sec,
+                'wall_s': result.wall_s,
+            }
+        },
+    )
     first = next(iter(summary['sr'].values()))[f'x{scale}']
-    logging.info('%s PSNR %.3f dB vs bicubic %.3f dB; %.2f steps/s', name, first[name]['psnr'],
-                 first['bicubic']['psnr'], result.steps_per_sec)
+    logging.info(
+        '%s PSNR %.3f dB vs bicubic %.3f dB; %.2f steps/s',
+        name,
+        first[name]['psnr'],
+        first['bicubic']['psnr'],
+        result.steps_per_sec,
+    )
     writer.flush()
     return result
