@@ -105,6 +105,19 @@ def main(argv):
     problem = missing_checkpoint(config)
     if problem:
         raise FileNotFoundError(problem)
+    if config.trainer in ('upscale', 'export') and not config.checkpoint:
+        raise FileNotFoundError(
+            "no model given; pass --config.checkpoint=<a student or teacher job's workdir"
+            + (', or an export folder>' if config.trainer == 'upscale' else '>')
+        )
+    if config.trainer == 'upscale':  # No images is an error at once, before TensorFlow loads.
+        if not config.input:
+            raise FileNotFoundError(
+                'no images given; pass --config.input=<an image file, a folder or a glob>'
+            )
+        from sr_purify import inference
+
+        inference.list_inputs(config.input)
     # TensorFlow only feeds data: keep it off the accelerators JAX uses.
     import tensorflow as tf
 
@@ -126,9 +139,9 @@ def main(argv):
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    from sr_purify import trainers
+    from sr_purify import jobs
 
-    train_and_evaluate = trainers.get(config.trainer)
+    train_and_evaluate = jobs.get(config.trainer)
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     logging.info(
         'process %d of %d; %d local / %d global devices (%s)',

@@ -48,7 +48,8 @@ def cpu_name() -> str:
 def trained_classifier(checkpoint: str, depth: int):
     """(model config, variables): restored, or trained briefly into a temporary workdir."""
     from configs import classifier as classifier_config
-    from sr_purify.trainers import classifier as classifier_trainer
+    from sr_purify import restore
+    from sr_purify.jobs import classifier as classifier_job
 
     config = classifier_config.get_config()
     config.model.depth = depth
@@ -60,8 +61,9 @@ def trained_classifier(checkpoint: str, depth: int):
             f'{checkpoint}',
             flush=True,
         )
-        classifier_trainer.train_and_evaluate(config, checkpoint)
-    variables, step = classifier_trainer.restore(checkpoint, config.model)
+        classifier_job.train_and_evaluate(config, checkpoint)
+    restored = restore.load(checkpoint, 'classifier', model_config=config.model)
+    variables, step = restored.variables, restored.step
     print(f'classifier: ResNet-{depth} from {checkpoint} (step {step})', flush=True)
     return config, variables
 

@@ -108,16 +108,16 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
     import jax
 
-    from sr_purify import data, reporting
+    from sr_purify import reporting, sr_data
     from sr_purify.evaluators import sr as sr_eval
-    from sr_purify.trainers import distill
-    from sr_purify.trainers import sr as sr_trainer
+    from sr_purify.jobs import student as student_job
+    from sr_purify.jobs import teacher as teacher_job
 
     t_start = time.time()
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     for spec in _DATASETS.value:
-        data.list_image_files(spec)  # A wrong path fails now, not after the training.
+        sr_data.list_image_files(spec)  # A wrong path fails now, not after the training.
     names = _RUNS.value or list(DEFAULT_RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -131,7 +131,7 @@ def main(argv):
         teacher = run_config('scratch', '', _STEPS.value, _SCALE.value).teacher
         if _TEACHER_STEPS.value:
             teacher.total_steps = _TEACHER_STEPS.value
-        if sr_trainer.train_and_evaluate(teacher, teacher_dir).preempted:
+        if teacher_job.train_and_evaluate(teacher, teacher_dir).preempted:
             print('stopped by signal while training the teacher; run the same command to resume')
             return
 
@@ -139,7 +139,7 @@ def main(argv):
     for name in names:
         config = run_config(name, teacher_dir, _STEPS.value, _SCALE.value)
         logging.info('run %s: losses %s, %d steps', name, RUNS[name], config.total_steps)
-        run = distill.distill(config, os.path.join(workdir, name))
+        run = student_job.distill(config, os.path.join(workdir, name))
         if run.result.preempted:
             print(f'stopped by signal during run {name}; run the same command to resume')
             return

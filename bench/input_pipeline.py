@@ -4,7 +4,7 @@ Run by hand (never in CI):
 
   python bench/input_pipeline.py [--config=configs/teacher.py] [--tuned] [--repeats=5]
 
-Rows: batches/s of `data.sr_train_batches` alone (the config's source, batch and patch); steps/s
+Rows: batches/s of `sr_data.sr_train_batches` alone (the config's source, batch and patch); steps/s
 of the config's train step alone on one fixed batch (the real path: `create_state`,
 `make_train_step`, `compile_step`); and the training loop as `training.fit` runs it (a fresh batch
 from the pipeline every step), whose slowdown against the fixed batch is what the input costs
@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sr_purify import data, losses, models, sharding, training  # noqa: E402
+from sr_purify import losses, models, sharding, sr_data, training  # noqa: E402
 
 
 def load_config(spec):
@@ -75,7 +75,7 @@ def main():
     )
     rng = jax.random.key(1)
     t = time.perf_counter()
-    it = data.sr_train_batches(
+    it = sr_data.sr_train_batches(
         config.data, scale=scale, global_batch=config.batch_size, seed=config.seed
     )
     fixed = sharding.to_global(next(it), mesh)
@@ -120,7 +120,7 @@ def main():
     med = {k: float(np.median(v)) for k, v in times.items()}
     batch = f'batch {config.batch_size} of {patch}x{patch} LR (x{scale})'
     print(
-        f'# {ARGS.config}: {data.describe(config.data)}, {batch}, {config.model.name}; '
+        f'# {ARGS.config}: {sr_data.describe(config.data)}, {batch}, {config.model.name}; '
         f'{jax.device_count()} device(s), {os.cpu_count()} cores, XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}; first batch {first_batch:.1f} s, first step '
         f'(compile) {first_step:.1f} s; load average {os.getloadavg()[0]:.1f}'

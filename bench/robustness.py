@@ -102,7 +102,7 @@ def main():
     from configs import classifier as classifier_config
     from configs import evaluate as evaluate_config
     from configs import purifier as purifier_config
-    from sr_purify import attacks, trainers
+    from sr_purify import attacks, jobs
 
     wd = os.path.abspath(args.workdir)
     dirs = {
@@ -124,14 +124,14 @@ def main():
         'victim ResNet-20',
         dirs['classifier'],
         'classifier',
-        lambda: trainers.get('classifier')(classifier_config.get_config(), dirs['classifier']),
+        lambda: jobs.get('classifier')(classifier_config.get_config(), dirs['classifier']),
         timings,
     )
     stage(
         'transfer small_cnn',
         dirs['classifier_small_cnn'],
         'classifier',
-        lambda: trainers.get('classifier')(
+        lambda: jobs.get('classifier')(
             classifier_config.get_config('small_cnn'), dirs['classifier_small_cnn']
         ),
         timings,
@@ -159,14 +159,14 @@ def main():
         'purifier sr_resample',
         dirs['purifier_sr'],
         'purifier',
-        lambda: trainers.get('purifier')(purifier_job('sr_resample'), dirs['purifier_sr']),
+        lambda: jobs.get('purifier')(purifier_job('sr_resample'), dirs['purifier_sr']),
         timings,
     )
     stage(
         'purifier nrp',
         dirs['purifier_nrp'],
         'purifier',
-        lambda: trainers.get('purifier')(purifier_job('nrp'), dirs['purifier_nrp']),
+        lambda: jobs.get('purifier')(purifier_job('nrp'), dirs['purifier_nrp']),
         timings,
     )
 
@@ -184,7 +184,7 @@ def main():
         evaluate_config.purifier_entry('nrp', checkpoint=dirs['purifier_nrp']),
     ]
     t = time.time()
-    results = trainers.get('evaluate')(c, dirs['eval'])
+    results = jobs.get('evaluate')(c, dirs['eval'])
     timings['evaluation'] = {'reused': False, 'wall_s': time.time() - t}
     timings['total_wall_s'] = time.time() - t_all
 

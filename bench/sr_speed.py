@@ -72,13 +72,9 @@ from sr_purify import perf  # noqa: E402  (imports no jax)
 
 if ARGS.tuned:
     perf.reexec_with_allocator_env()  # Restarts this process once if the allocator env is unset.
-SETTINGS = (
-    perf.cpu_settings()
-    if ARGS.tuned
-    else perf.CpuSettings(xla_flags='', devices=1, conv_impl='xla')
-)
+SETTINGS = perf.cpu_settings() if ARGS.tuned else perf.CpuSettings(xla_flags='', devices=1)
 DEVICES = ARGS.devices or SETTINGS.devices
-CONV_IMPL = ARGS.conv_impl or SETTINGS.conv_impl
+CONV_IMPL = ARGS.conv_impl or 'xla'
 XLA_FLAGS = SETTINGS.xla_flags if ARGS.xla_flags is None else ARGS.xla_flags
 if DEVICES > 1:
     XLA_FLAGS = f'{XLA_FLAGS} --xla_force_host_platform_device_count={DEVICES}'.strip()
@@ -86,6 +82,7 @@ os.environ['XLA_FLAGS'] = XLA_FLAGS
 os.environ['PJRT_NPROC'] = str(ARGS.threads)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import conv_as_matmul as layers  # noqa: E402  (bench/conv_as_matmul.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
@@ -97,7 +94,6 @@ from torch import nn as tnn  # noqa: E402
 from configs import common  # noqa: E402
 from sr_purify import losses, models, sharding, training  # noqa: E402
 from sr_purify.models import edsr as jedsr  # noqa: E402
-from sr_purify.models import layers  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 

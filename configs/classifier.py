@@ -55,7 +55,7 @@ def small_cnn(num_classes: int = 10) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    parts = common.variant_parts(arg, VARIANTS)
+    parts, _ = common.parse_variant(arg, VARIANTS)
     c = common.base()
     c.trainer = 'classifier'
     c.role = 'classifier'

@@ -3,15 +3,26 @@
 import ml_collections
 
 
-def variant_parts(arg, variants, default: str = 'cpu', options=()) -> list:
-    """'full,nrp' -> ['full', 'nrp']; an unknown part fails listing the variants (and `options`,
-    the `name=N` settings allowed, e.g. ('scale',))."""
-    parts = [p for p in (arg or default).split(',') if p]
-    for p in parts:
-        if p not in variants and p.split('=', 1)[0] not in options:
+def parse_variant(arg, variants, default: str = 'cpu', options=()):
+    """The `:arg` of `--config=configs/<job>.py:arg`, for every config file.
+
+    'full,imdn,scale=4' -> (['full', 'imdn'], {'scale': 4}): the variant names in order, and the
+    `name=value` settings allowed by `options` (digits become ints). An unknown part fails listing
+    the variants and settings.
+    """
+    parts, settings = [], {}
+    for p in (arg or default).split(','):
+        key, eq, value = p.partition('=')
+        if not p:
+            continue
+        if eq and key in options:
+            settings[key] = int(value) if value.isdigit() else value
+        elif p in variants:
+            parts.append(p)
+        else:
             valid = ', '.join(list(variants) + [f'{o}=N' for o in options])
             raise ValueError(f'unknown config variant {p!r}; valid: {valid}')
-    return parts
+    return parts, settings
 
 
 def base() -> ml_collections.ConfigDict:

@@ -3,8 +3,9 @@
 SR quality (bicubic, or a restored SR checkpoint) on benchmark folders:
   python launch.py --config=configs/evaluate.py --workdir=workdirs/eval_sr \\
     --config.checkpoint=workdirs/teacher
-  python launch.py --config=configs/evaluate.py:sr,student \\
-    --config.checkpoint=workdirs/student/student
+  python launch.py --config=configs/evaluate.py --config.checkpoint=workdirs/student
+(a teacher or student job's workdir, or one of its checkpoint folders; the architecture comes from
+the job's config.json, `model_from_checkpoint=False` uses `model` instead)
 
 Attacks on a trained classifier (clean accuracy, accuracy under FGSM, PGD L-inf and L2, MI-FGSM
 and APGD-CE, the per-sample worst case, perturbation norms). CPU default: 500 test images, APGD
@@ -37,19 +38,15 @@ SR_BENCHMARKS = [
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or 'sr').split(',') if p]
     modes = ('sr', 'attack', 'robustness')
-    options = ('student', 'teacher', 'small_cnn', 'full')
-    for p in parts:
-        if p not in modes + options and not p.startswith('scale='):
-            raise ValueError(
-                f'unknown evaluate variant {p!r}; valid: {", ".join(modes + options)}, scale=N'
-            )
+    parts, options = common.parse_variant(
+        arg, modes + ('student', 'teacher', 'small_cnn', 'full'), default='sr', options=('scale',)
+    )
     if 'attack' in parts:
         return attack_config(parts)
     if 'robustness' in parts:
         return robustness_config(parts)
-    scale = int(next((p.split('=')[1] for p in parts if p.startswith('scale=')), 2))
+    scale = int(options.get('scale', 2))
     c = ml_collections.ConfigDict()
     c.trainer = 'evaluate'
     c.mode = 'sr'

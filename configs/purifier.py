@@ -70,7 +70,7 @@ def purifier_config(kind: str = 'sr_resample') -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    parts = common.variant_parts(arg, VARIANTS)
+    parts, _ = common.parse_variant(arg, VARIANTS)
     c = common.base()
     c.trainer = 'purifier'
     c.role = 'purifier'

@@ -16,9 +16,12 @@ sr_purify/distillation.py):
   --config.distill.losses.affinity=10 --config.distill.losses.upcycled=0
 A teacher served behind an API (its SR outputs only, no features):
   --config.distill.teacher_access=outputs
-The deliverable is <workdir>/student, the student's parameters alone (no teacher, no adapters):
-  python launch.py --config=configs/evaluate.py:sr,student \\
-    --config.checkpoint=workdirs/student/student
+The deliverable is <workdir>/student, the student's parameters alone (no teacher, no adapters);
+every job restores it from the workdir (the architecture comes from its config.json):
+  python launch.py --config=configs/evaluate.py --config.checkpoint=workdirs/student
+  python launch.py --config=configs/upscale.py --config.checkpoint=workdirs/student \\
+    --config.input=photo.png
+  python launch.py --config=configs/export.py --config.checkpoint=workdirs/student
 """
 
 import ml_collections
@@ -56,15 +59,9 @@ def student_model(name: str = 'edsr', scale: int = 2) -> ml_collections.ConfigDi
 
 def parse_arg(arg):
     """'full,imdn,scale=4' -> (full?, student name, scale); an unknown part lists the valid ones."""
-    full, name, scale = False, 'edsr', 2
-    for p in common.variant_parts(arg, VARIANTS, options=('scale',)):
-        if p.startswith('scale='):
-            scale = int(p.split('=', 1)[1])
-        elif p == 'full':
-            full = True
-        elif p in STUDENTS:
-            name = p
-    return full, name, scale
+    parts, options = common.parse_variant(arg, VARIANTS, options=('scale',))
+    names = [p for p in parts if p in STUDENTS]
+    return 'full' in parts, names[-1] if names else 'edsr', int(options.get('scale', 2))
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

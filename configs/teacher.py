@@ -15,23 +15,9 @@ from configs import common
 VARIANTS = ('cpu', 'full', 'edsr')
 
 
-def parse_arg(arg, variants=VARIANTS):
-    """'full,scale=4' -> ('full', {'scale': 4}); an unknown variant lists the valid ones."""
-    parts = [p for p in (arg or 'cpu').split(',') if p]
-    variant, options = 'cpu', {}
-    for p in parts:
-        if '=' in p:
-            k, v = p.split('=', 1)
-            options[k] = int(v) if v.isdigit() else v
-        elif p in variants:
-            variant = p
-        else:
-            raise ValueError(f'unknown config variant {p!r}; valid: {", ".join(variants)}')
-    return variant, options
-
-
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    variant, options = parse_arg(arg)
+    parts, options = common.parse_variant(arg, VARIANTS, options=('scale',))
+    variant = parts[-1] if parts else 'cpu'
     scale = int(options.get('scale', 2))
     c = common.base()
     c.trainer = 'teacher'

@@ -212,9 +212,6 @@ class Checkpointer:
         if meta_tree is not None:
             check_compatible(meta_tree, abstract_state, f'{self.directory} step {step}')
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -254,7 +251,7 @@ def _restore_state(directory: str, what: str) -> Tuple[str, Any, int]:
     return directory, state, step
 
 
-def _as_abstract(saved: Any, abstract: Any, where: str) -> Any:
+def fit_to(saved: Any, abstract: Any, where: str) -> Any:
     """`saved` checked against `abstract` and cast to its structure and dtypes, as numpy."""
     check_compatible(saved, abstract, where)
     return jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract, _like(saved, abstract))
@@ -268,7 +265,7 @@ def restore_params(directory: str, abstract_params: Any, what: str = 'model') ->
     """
     directory, state, step = _restore_state(directory, what)
     params = state['params'] if isinstance(state, dict) and 'params' in state else state
-    return _as_abstract(params, abstract_params, f'{directory} step {step}'), step
+    return fit_to(params, abstract_params, f'{directory} step {step}'), step
 
 
 def _like(tree: Any, reference: Any) -> Any:
@@ -276,18 +273,6 @@ def _like(tree: Any, reference: Any) -> Any:
     flat = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     paths, treedef = jax.tree_util.tree_flatten_with_path(reference)
     return jax.tree_util.tree_unflatten(treedef, [flat[_path_str(p)] for p, _ in paths])
-
-
-def restore_variables(
-    directory: str, abstract_params: Any, abstract_model_state: Any, what: str = 'model'
-) -> Tuple[Any, Any, int]:
-    """Like `restore_params`, also returning the non-trained variables (e.g. batch_stats)."""
-    directory, state, step = _restore_state(directory, what)
-    where = f'{directory} step {step}'
-    params = _as_abstract(state['params'], abstract_params, where)
-    if not jax.tree.leaves(abstract_model_state):
-        return params, abstract_model_state, step
-    return params, _as_abstract(state['model_state'], abstract_model_state, where), step
 
 
 def export_params(directory: str, step: int, params: Any) -> str:

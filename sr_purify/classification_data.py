@@ -214,7 +214,7 @@ def _load_folder(data: ml_collections.ConfigDict, path: str, split: str) -> Spli
 def _load_tfds(data: ml_collections.ConfigDict, split: str) -> Split:
     import tensorflow_datasets as tfds
 
-    from sr_purify.data import tfds_builder  # One tfds entry point for every dataset.
+    from sr_purify.sr_data import tfds_builder  # One tfds entry point for every dataset.
 
     builder = tfds_builder(data)
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))

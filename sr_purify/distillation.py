@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import image_ops
+from sr_purify import image_ops, losses
 
 LOSSES = ('pixel', 'output', 'feature', 'affinity', 'attention', 'upcycled')
 FEATURE_LOSSES = ('feature', 'affinity', 'attention')
@@ -157,12 +157,11 @@ def _safe_norm(x: jax.Array, axis) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def pixel_loss(sr: jax.Array, hr: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.abs(sr - hr))
+pixel_loss = losses.l1  # The student against the HR image.
 
 
 def output_loss(sr: jax.Array, teacher_sr: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.abs(sr - jax.lax.stop_gradient(teacher_sr)))
+    return losses.l1(sr, jax.lax.stop_gradient(teacher_sr))
 
 
 def zoom_in_inputs(hr: jax.Array, patch: int, rng: jax.Array) -> jax.Array:

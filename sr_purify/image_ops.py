@@ -7,10 +7,30 @@ Host-side functions (numpy/scipy, float64) reproduce MATLAB exactly: `rgb2ycbcr`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from scipy import ndimage
+
+# The SR scales every model, pipeline and benchmark table supports.
+SCALES = (2, 3, 4)
+
+
+@dataclasses.dataclass
+class Image:
+    """A named evaluation image."""
+
+    name: str
+    pixels: np.ndarray  # uint8, HxWx3 (or HxW for grayscale evaluation images)
+
+
+def check_scale(scale: int) -> int:
+    """`scale`, or a ValueError listing the valid scales."""
+    if scale not in SCALES:
+        raise ValueError(f'scale {scale!r} not supported; valid: {", ".join(map(str, SCALES))}')
+    return scale
+
 
 # ---------------------------------------------------------------------------
 # Colour, cropping, quantization

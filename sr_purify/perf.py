@@ -35,13 +35,12 @@ ALLOCATOR_ENV = {
 class CpuSettings:
     xla_flags: str  # for XLA_FLAGS (device count excluded)
     devices: int  # host devices for the data-parallel mesh (1: no split)
-    conv_impl: str  # sr_purify.models.layers implementation for the SR models
 
 
 def cpu_settings(cores: int = 0) -> CpuSettings:
     """The best settings measured for training and inference on a small CPU host."""
     cores = cores or os.cpu_count() or 1
-    return CpuSettings(xla_flags='', devices=2 if cores >= 2 else 1, conv_impl='xla')
+    return CpuSettings(xla_flags='', devices=2 if cores >= 2 else 1)
 
 
 def xla_flags(settings: CpuSettings) -> str:

@@ -20,9 +20,7 @@ Feature extractors F for the purifier's training loss and its SSP perturbations 
 
 import dataclasses
 import io
-import json
 import logging
-import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -30,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sr_purify import attacks, checkpointing, image_ops, models, registry
+from sr_purify import attacks, image_ops, models, registry
+from sr_purify import restore as restore_lib
 
 PyTree = Any
 
@@ -70,18 +69,21 @@ class Purifier:
     # would otherwise halve the gradient at pixels exactly 0 or 1 (so 'none' is the identity).
     clip: bool = True
 
+    def add_noise(self, x: jax.Array, key: Optional[jax.Array]) -> jax.Array:
+        """x with this purifier's input noise (clipped to [0, 1]); x itself when it has none."""
+        if self.input_noise <= 0:
+            return x
+        if key is None:
+            raise ValueError(
+                f'purifier {self.kind!r} with input_noise={self.input_noise} is '
+                'random and needs a PRNG key'
+            )
+        noise = self.input_noise * jax.random.normal(key, x.shape, x.dtype)
+        return jnp.clip(x + noise, min=0.0, max=1.0)
+
     def purify(self, params: PyTree, x: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
         """x' in [0, 1] with x's shape; `key` is required when `random`."""
-        if self.input_noise > 0:
-            if key is None:
-                raise ValueError(
-                    f'purifier {self.kind!r} with input_noise={self.input_noise} is '
-                    'random and needs a PRNG key'
-                )
-            x = jnp.clip(
-                x + self.input_noise * jax.random.normal(key, x.shape, x.dtype), min=0.0, max=1.0
-            )
-        y = self.raw(params, x)
+        y = self.raw(params, self.add_noise(x, key))
         return jnp.clip(y, min=0.0, max=1.0) if self.clip else y
 
     def abstract_params(self) -> PyTree:
@@ -161,9 +163,7 @@ def _downscale(x: jax.Array, scale: int) -> jax.Array:
 
 def student_module(cfg: ml_collections.ConfigDict):
     """The SR student of an sr_resample purifier, from `cfg.student` (configs/student.py style)."""
-    from sr_purify.trainers import distill  # Lazy: pulls in the SR data pipeline.
-
-    student = distill.build_student(cfg.student)
+    student = models.build(cfg.student)
     if student.scale != cfg.scale:
         raise ValueError(
             f'purifier.scale is {cfg.scale} but the student is x{student.scale}; set '
@@ -230,11 +230,6 @@ def build(cfg: ml_collections.ConfigDict, mesh=None) -> Purifier:
     )
 
 
-def student_directory(path: str) -> str:
-    """A student job's export: `<workdir>/student` when given the workdir, else `path` itself."""
-    return os.path.join(path, 'student') if os.path.isdir(os.path.join(path, 'student')) else path
-
-
 def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.Array) -> PyTree:
     """Starting parameters for training: the distilled student for sr_resample, else random."""
     if purifier.kind != 'sr_resample':
@@ -246,45 +241,23 @@ def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.
             'student_checkpoint=<student workdir> to start from the distilled student)'
         )
         return purifier.init(rng)
-    directory = student_directory(cfg.student_checkpoint)
-    params, step = checkpointing.restore_params(directory, purifier.abstract_params(), 'student')
-    logging.info('purifier sr_resample: student from %s step %d', directory, step)
-    return params
-
-
-def saved_config(checkpoint: str) -> ml_collections.ConfigDict:
-    """The `purifier` section of a purifier job's config.json (its workdir or export folder)."""
-    workdir = os.path.abspath(checkpoint)
-    if os.path.basename(workdir) == 'purifier' and not os.path.exists(
-        os.path.join(workdir, 'config.json')
-    ):
-        workdir = os.path.dirname(workdir)
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f'no purifier job in {checkpoint!r} (missing {path}); pass the workdir of a finished '
-            f'purifier job, e.g. after python launch.py --config=configs/purifier.py '
-            f'--workdir=workdirs/purifier'
-        )
-    with open(path) as f:
-        saved = json.load(f)
-    if 'purifier' not in saved:
-        raise ValueError(f"{path} is not a purifier job's config (it has no purifier section)")
-    return ml_collections.ConfigDict(saved['purifier'])
+    student = restore_lib.load(
+        cfg.student_checkpoint,
+        'sr',
+        model_config=cfg.student,
+        flag='--config.purifier.student_checkpoint',
+        what='student',
+    )
+    logging.info('purifier sr_resample: student from %s step %d', student.directory, student.step)
+    return student.params
 
 
 def restore(checkpoint: str, mesh=None) -> Tuple[Purifier, PyTree, ml_collections.ConfigDict, int]:
-    """(purifier, params, its config, step) of a trained purifier job's export."""
-    cfg = saved_config(checkpoint)
+    """(purifier, params, its config, step) of a trained purifier job (its workdir or export)."""
+    saved = restore_lib.load(checkpoint, 'purifier', flag='--config.purifiers[i].checkpoint')
+    cfg = saved.config.purifier
     purifier = build(cfg, mesh)
-    workdir = os.path.abspath(checkpoint)
-    directory = (
-        os.path.join(workdir, 'purifier')
-        if os.path.isdir(os.path.join(workdir, 'purifier'))
-        else workdir
-    )
-    params, step = checkpointing.restore_params(directory, purifier.abstract_params(), 'purifier')
-    return purifier, params, cfg, step
+    return purifier, saved.params, cfg, saved.step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,12 +296,13 @@ def build_feature(
         params = net.init(jax.random.key(cfg.get('seed', 0)), x)
         return FeatureExtractor(kind, net.apply, params, source=f'random_cnn seed {cfg.seed}')
     if kind == 'classifier':
-        from sr_purify.trainers import classifier as classifier_trainer
-
-        net = models.build(cfg.classifier)
-        variables, step = classifier_trainer.restore(
-            cfg.checkpoint, cfg.classifier, image_shape, flag='--config.purifier.feature.checkpoint'
+        restored = restore_lib.load(
+            cfg.checkpoint,
+            'classifier',
+            model_config=cfg.classifier,
+            flag='--config.purifier.feature.checkpoint',
         )
+        net, variables, step = restored.module, restored.variables, restored.step
         _, feats = jax.eval_shape(lambda: net.apply(variables, x, return_features=True))
         _pick_tap(feats, cfg.layer, f'classifier {cfg.classifier.name}')
         layer = cfg.layer
@@ -347,9 +321,14 @@ def build_feature(
             source=f'{cfg.classifier.name} {cfg.checkpoint} step {step}',
         )
     # teacher: the SR network's features of the image itself (as an LR input).
-    net = models.build(cfg.teacher)
-    abstract = jax.eval_shape(lambda: net.init(jax.random.key(0), x))['params']
-    params, step = checkpointing.restore_params(cfg.checkpoint, abstract, 'teacher')
+    restored = restore_lib.load(
+        cfg.checkpoint,
+        'sr',
+        model_config=cfg.teacher,
+        flag='--config.purifier.feature.checkpoint',
+        what='teacher',
+    )
+    net, params, step = restored.module, restored.params, restored.step
     _, feats = jax.eval_shape(lambda: net.apply({'params': params}, x, return_features=True))
     _pick_tap(feats, cfg.layer, f'teacher {cfg.teacher.name}')
     layer = cfg.layer

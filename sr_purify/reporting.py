@@ -4,8 +4,9 @@ Only process 0 writes; the other processes get no-op writers.
 """
 
 import json
+import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -102,8 +103,19 @@ def write_text(workdir: str, name: str, text: str) -> None:
             f.write(text + '\n')
 
 
-def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tiles HxWx3 float [0,1] (or uint8) images, each row padded to the widest/tallest tile."""
+def image_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    pad: int = 2,
+    labels: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+) -> np.ndarray:
+    """Tiles HxWx3 float [0,1] (or uint8) images, each row padded to the widest/tallest tile.
+
+    `labels` (one per column, from the left) adds a header strip above the first row and
+    `row_labels` (one per row) a strip left of the tiles; text that does not fit is wrapped at
+    spaces, then clipped. The tiles keep their place relative to each other: without labels the
+    grid is exactly the unlabelled one, with them it sits below/right of the strips.
+    """
 
     def u8(im):
         im = np.asarray(im)
@@ -122,7 +134,76 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray
         for c, im in enumerate(row):
             y, x = pad + r * (th + pad), pad + c * (tw + pad)
             grid[y : y + im.shape[0], x : x + im.shape[1]] = im
-    return grid
+    if not labels and not row_labels:
+        return grid
+    if len(labels) > ncols or len(row_labels) > len(rows):
+        raise ValueError(
+            f'{len(labels)} labels for {ncols} columns / {len(row_labels)} row labels for '
+            f'{len(rows)} rows'
+        )
+    return _add_labels(grid, labels, row_labels, th, tw, pad)
+
+
+_LABEL_MARGIN = 3  # Pixels between a label and the edge of its strip.
+_ROW_LABEL_MAX_W = 120  # A long purifier name wraps rather than pushing the tiles far right.
+_WORD_GAP = '  '  # The default font's space is 2 px: at size 10 single-spaced words run together.
+
+
+def _fit_lines(text: str, width: int, measure, max_lines: int) -> List[str]:
+    """Greedy word wrap to `width` pixels; a word (or the last line) too long is clipped, with
+    '..' where that fits, so a label does not spill into its neighbour. At least one character
+    stays: on a tile narrower than a glyph an initial still tells the columns apart."""
+
+    def clip(s):
+        if measure(s) <= width:
+            return s
+        for end in ('..', ''):
+            for n in range(len(s) - 1, 0, -1):
+                if measure(s[:n] + end) <= width:
+                    return s[:n] + end
+        return s[:1]
+
+    lines: List[str] = []
+    for word in text.split():
+        if lines and measure(lines[-1] + _WORD_GAP + word) <= width:
+            lines[-1] += _WORD_GAP + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [_WORD_GAP.join(lines[max_lines - 1 :])]
+    return [clip(line) for line in lines]
+
+
+def _add_labels(grid, labels, row_labels, th, tw, pad):
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = lambda s: font.getlength(s)
+    asc, desc = font.getmetrics()
+    line_h = asc + desc
+    m = _LABEL_MARGIN
+    # Tiles can be tall (SR crops) but header text stays short: at most 3 lines per label.
+    col_lines = [_fit_lines(t, tw, measure, 3) for t in labels]
+    header_h = (max(map(len, col_lines), default=0) * line_h + 2 * m) if labels else 0
+    strip_w = 0
+    if row_labels:
+        widest = max((measure(_WORD_GAP.join(t.split())) for t in row_labels), default=0)
+        strip_w = math.ceil(min(widest, _ROW_LABEL_MAX_W)) + 2 * m  # Up: no 1 px clip.
+    row_lines = [_fit_lines(t, strip_w - 2 * m, measure, max(th // line_h, 1)) for t in row_labels]
+
+    h, w = grid.shape[:2]
+    img = Image.new('RGB', (w + strip_w, h + header_h), 'white')
+    img.paste(Image.fromarray(grid), (strip_w, header_h))
+    draw = ImageDraw.Draw(img)
+    for c, lines in enumerate(col_lines):
+        cx = strip_w + pad + c * (tw + pad) + tw / 2
+        for i, line in enumerate(lines):
+            draw.text((cx, m + i * line_h), line, fill='black', font=font, anchor='ma')
+    for r, lines in enumerate(row_lines):
+        cy = header_h + pad + r * (th + pad) + th / 2 - len(lines) * line_h / 2
+        for i, line in enumerate(lines):
+            draw.text((m, cy + i * line_h), line, fill='black', font=font, anchor='la')
+    return np.array(img)  # A writable copy, like the unlabelled grid.
 
 
 def write_grid(

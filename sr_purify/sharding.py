@@ -82,3 +82,14 @@ def to_host(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
+
+
+def first_rows(x: jax.Array, count: int, replicated: NamedSharding) -> np.ndarray:
+    """The first `count` rows of a global (sharded) batch as numpy on every host."""
+    return np.asarray(jax.device_get(jax.jit(lambda a: a[:count], out_shardings=replicated)(x)))
+
+
+def batch_mask(index: int, global_batch: int, num_examples: int) -> np.ndarray:
+    """1 for the real examples of global batch `index`, 0 for the padding of the last one."""
+    positions = np.arange(index * global_batch, (index + 1) * global_batch)
+    return (positions < num_examples).astype(np.float32)

@@ -11,9 +11,6 @@ import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / 'shared'
-SR_BENCHMARKS = SHARED / 'data' / 'sr_benchmarks'
-CIFAR_JPEG = SHARED / 'data' / 'cifar10-jpeg'
 
 
 def tiny_sr_config(trainer: str = 'teacher') -> ml_collections.ConfigDict:

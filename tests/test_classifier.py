@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import RecordingWriter
 
-from sr_purify import attacks
+from sr_purify import attacks, models, restore
 from sr_purify import classification_data as cdata
-from sr_purify.trainers import classifier as classifier_trainer
+from sr_purify.jobs import classifier as classifier_job
 
 # Created in this order on purpose: labels must follow the sorted names (apple 0, mango 1, zebra 2).
 CLASSES = ('zebra', 'apple', 'mango')
@@ -213,14 +213,15 @@ def test_two_step_resnet_run_writes_results_and_updates_batch_stats(image_folder
     assert jax.device_count() == 8
     cfg = _classifier_config(image_folder, tmp_path / 'cache')
     writer = RecordingWriter()
-    result = classifier_trainer.train_and_evaluate(cfg, str(tmp_path / 'wd'), writer=writer)
+    result = classifier_job.train_and_evaluate(cfg, str(tmp_path / 'wd'), writer=writer)
     assert result.step == 2 and sorted(writer.losses()) == [1, 2]
     results = json.load(open(tmp_path / 'wd' / 'results.json'))['classifier']
     assert results['eval_examples'] == 24 and 0.0 <= results['accuracy'] <= 1.0
-    assert results['params'] == classifier_trainer.parameter_count(result.state.params)
+    assert results['params'] == models.parameter_count(result.state.params)
     assert (tmp_path / 'wd' / 'checkpoints' / '2').is_dir()
     # The checkpoint restores as model variables, with BatchNorm statistics that moved off init.
-    variables, step = classifier_trainer.restore(str(tmp_path / 'wd'), cfg.model)
+    restored = restore.load(str(tmp_path / 'wd'), 'classifier', model_config=cfg.model)
+    variables, step = restored.variables, restored.step
     assert step == 2 and set(variables) == {'params', 'batch_stats'}
     stem = variables['batch_stats']['stem_bn']
     assert not np.allclose(stem['mean'], 0.0) and not np.allclose(stem['var'], 1.0)
@@ -235,7 +236,7 @@ def trained_cnn(image_folder, tmp_path_factory):
     cfg = _classifier_config(image_folder, root / 'cache', model='small_cnn', steps=40)
     cfg.log_every = 20
     cfg.optim.lr = 0.05
-    classifier_trainer.train_and_evaluate(cfg, str(root / 'wd'), writer=RecordingWriter())
+    classifier_job.train_and_evaluate(cfg, str(root / 'wd'), writer=RecordingWriter())
     return cfg, root
 
 
@@ -264,14 +265,14 @@ def _attack_config(cfg, root):
 def test_attack_evaluation_reports_consistent_accuracies(trained_cnn, tmp_path):
     cfg, root = trained_cnn
     config = _attack_config(cfg, root)
-    from sr_purify.evaluators import run as evaluate_job
+    from sr_purify.jobs import evaluate as evaluate_job
 
     result = evaluate_job.train_and_evaluate(config, str(tmp_path))
 
     # Clean accuracy by hand on the same 24 test images.
     from sr_purify import models
 
-    variables, _ = classifier_trainer.restore(str(root / 'wd'), cfg.model)
+    variables = restore.load(str(root / 'wd'), 'classifier', model_config=cfg.model).variables
     test = cdata.load_split(cfg.data, 'test')
     logits = models.build(cfg.model).apply(variables, jnp.asarray(test.images / 255.0, jnp.float32))
     by_hand = float(np.mean(np.argmax(logits, -1) == test.labels))
@@ -305,7 +306,7 @@ def test_attack_evaluation_reports_consistent_accuracies(trained_cnn, tmp_path):
 
 def test_attack_evaluation_without_a_checkpoint_fails_at_once_naming_the_flag(tmp_path):
     from configs import evaluate
-    from sr_purify.evaluators import run as evaluate_job
+    from sr_purify.jobs import evaluate as evaluate_job
 
     config = evaluate.get_config('attack')
     config.classifier.checkpoint = str(tmp_path / 'nothing')

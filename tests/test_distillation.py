@@ -14,8 +14,8 @@ from conftest import REPO, RecordingWriter, tiny_sr_config
 
 from configs import evaluate as evaluate_config
 from configs import student as student_config
-from sr_purify import checkpointing, distillation, models
-from sr_purify.trainers import distill
+from sr_purify import checkpointing, distillation, models, restore
+from sr_purify.jobs import student as student_job
 
 PAIRS = (('block_1', 'block_2'), ('body', 'body'))
 
@@ -197,7 +197,7 @@ def test_outputs_mode_refuses_feature_losses_in_one_line(tmp_path):
     config = _tiny_job()
     config.distill.teacher_access = 'outputs'
     with pytest.raises(ValueError, match='teacher_access=outputs'):
-        distill.train_and_evaluate(config, str(tmp_path), writer=RecordingWriter())
+        student_job.train_and_evaluate(config, str(tmp_path), writer=RecordingWriter())
     assert not os.path.exists(tmp_path / 'teacher')
 
 
@@ -213,13 +213,13 @@ def test_unknown_tap_lists_the_valid_ones():
 
 def _param_count(model_config) -> int:
     model = models.build(model_config)
-    params, _ = distill.abstract_params_and_taps(model)
+    params, _ = student_job.abstract_params_and_taps(model)
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def test_default_student_is_slim_edsr_11x_smaller_and_matches_the_evaluate_config():
     c = student_config.get_config()
-    flat = distill.student_model_config(c.model)
+    flat = models.flatten_config(c.model)
     assert _param_count(flat) == 121_987
     assert _param_count(c.teacher.model) == 1_369_859
     assert c.teacher.checkpoint == '' and c.teacher.trainer == 'teacher'
@@ -234,15 +234,15 @@ def test_default_student_is_slim_edsr_11x_smaller_and_matches_the_evaluate_confi
 def test_variants_build_and_their_feature_pairs_exist(variant, name):
     c = student_config.get_config(variant)
     assert c.model.name == name and c.teacher.model.scale == c.model.scale
-    _, student_taps = distill.abstract_params_and_taps(distill.build_student(c.model))
-    _, teacher_taps = distill.abstract_params_and_taps(models.build(c.teacher.model))
+    _, student_taps = student_job.abstract_params_and_taps(models.build(c.model))
+    _, teacher_taps = student_job.abstract_params_and_taps(models.build(c.teacher.model))
     for loss in distillation.FEATURE_LOSSES:
         c.distill.losses[loss] = 1.0
     distillation.check_config(c.distill, student_taps, teacher_taps)
     # --config.model.name alone switches the student too.
     d = student_config.get_config()
     d.model.name = name
-    assert isinstance(distill.build_student(d.model), type(distill.build_student(c.model)))
+    assert isinstance(models.build(d.model), type(models.build(c.model)))
     with pytest.raises(ValueError, match='unknown config variant'):
         student_config.get_config('tiny')
 
@@ -287,7 +287,7 @@ def job(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('student')
     config = _tiny_job(eval_dir)
     writer = RecordingWriter()
-    result = distill.train_and_evaluate(config, str(workdir), writer=writer)
+    result = student_job.train_and_evaluate(config, str(workdir), writer=writer)
     return config, workdir, result, writer
 
 
@@ -334,10 +334,10 @@ def _size(arrays) -> int:
 def test_no_teacher_array_in_the_student_or_training_checkpoints(job):
     config, workdir, result, _ = job
     teacher_model = models.build(config.teacher.model)
-    teacher_abstract, _ = distill.abstract_params_and_taps(teacher_model)
+    teacher_abstract, _ = student_job.abstract_params_and_taps(teacher_model)
     teacher, _ = checkpointing.restore_params(str(workdir / 'teacher'), teacher_abstract)
     teacher_arrays = [np.asarray(x) for x in jax.tree.leaves(teacher)]
-    student_abstract, _ = distill.abstract_params_and_taps(distill.build_student(config.model))
+    student_abstract, _ = student_job.abstract_params_and_taps(models.build(config.model))
     student_paths = {
         'params/' + checkpointing._path_str(p)
         for p, _ in jax.tree_util.tree_flatten_with_path(student_abstract)[0]
@@ -371,12 +371,13 @@ def test_no_teacher_array_in_the_student_or_training_checkpoints(job):
 
 def test_student_restores_from_the_student_config_alone(job):
     config, workdir, result, _ = job
-    model, params = distill.load_student(config.model, str(workdir / 'student'))
+    restored = restore.load(str(workdir / 'student'), 'sr')
+    model, params = restored.module, restored.params
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 12, 12, 3)), jnp.float32)
     expected = model.apply({'params': jax.device_get(result.state.params['student'])}, x)
     np.testing.assert_allclose(model.apply({'params': params}, x), expected, rtol=1e-6)
     # restore_params on the export directory, as configs/evaluate.py does, works the same.
-    abstract, _ = distill.abstract_params_and_taps(model)
+    abstract, _ = student_job.abstract_params_and_taps(model)
     again, _ = checkpointing.restore_params(str(workdir / 'student'), abstract, 'student')
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
@@ -386,7 +387,7 @@ def test_missing_or_mismatched_teacher_checkpoint_names_the_path_or_parameter(jo
     missing = _tiny_job()
     missing.teacher.checkpoint = str(tmp_path / 'no_teacher')
     with pytest.raises(FileNotFoundError, match=r"no teacher checkpoint in '.*no_teacher'"):
-        distill.train_and_evaluate(missing, str(tmp_path / 'a'), writer=RecordingWriter())
+        student_job.train_and_evaluate(missing, str(tmp_path / 'a'), writer=RecordingWriter())
     wider = _tiny_job()
     wider.teacher.checkpoint = str(workdir / 'teacher')
     wider.teacher.model.features = 16  # The checkpoint's teacher has 8.
@@ -395,7 +396,7 @@ def test_missing_or_mismatched_teacher_checkpoint_names_the_path_or_parameter(jo
         match=r'teacher.*parameter \S+ has shape \(.*8.*\), the config builds '
         r'\(.*16.*\)',
     ):
-        distill.train_and_evaluate(wider, str(tmp_path / 'b'), writer=RecordingWriter())
+        student_job.train_and_evaluate(wider, str(tmp_path / 'b'), writer=RecordingWriter())
     assert not (tmp_path / 'b' / 'checkpoints').exists()
 
 
@@ -405,13 +406,13 @@ def test_checkpoints_from_8_devices_restore_on_1(job):
     code = f"""
 import jax
 from ml_collections import ConfigDict
-from sr_purify import checkpointing, models
-from sr_purify.trainers import distill
+from sr_purify import checkpointing, models, restore
+from sr_purify.jobs import student as student_job
 assert jax.device_count() == 1
 teacher = models.build(ConfigDict({config.teacher.model.to_dict()!r}))
-abstract, _ = distill.abstract_params_and_taps(teacher)
+abstract, _ = student_job.abstract_params_and_taps(teacher)
 _, step = checkpointing.restore_params({str(workdir / 'teacher')!r}, abstract, 'teacher')
-distill.load_student(ConfigDict({config.model.to_dict()!r}), {str(workdir / 'student')!r})
+restore.load({str(workdir / 'student')!r}, 'sr')
 print('restored', step)
 """
     env = dict(
@@ -435,10 +436,10 @@ def test_upcycled_control_trains_on_ground_truth_labels_and_checks_the_patch(job
     c.distill.upcycle, c.distill.upcycle_labels = ('zoom_out',), 'ground_truth'
     c.total_steps = 1
     writer = RecordingWriter()
-    run = distill.distill(c, str(tmp_path / 'control'), writer=writer)
+    run = student_job.distill(c, str(tmp_path / 'control'), writer=writer)
     assert run.result.step == 1
     # The untrained student is bicubic, which does not invert a bicubic downscale exactly.
     assert 0.0 < writer.scalars[1]['loss/upcycled'] < 1.0
     c.data.patch = 9  # 9 x 9 LR patches do not shrink to a whole number of x2 pixels.
     with pytest.raises(ValueError, match='divisible by the scale 2'):
-        distill.distill(c, str(tmp_path / 'odd'), writer=RecordingWriter())
+        student_job.distill(c, str(tmp_path / 'odd'), writer=RecordingWriter())

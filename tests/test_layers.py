@@ -1,78 +1,108 @@
-"""Tests for sr_purify.models.layers: the matmul convolution equals XLA's, same parameters (CPU)."""
+"""The library's imports point one way: every module under sr_purify/ imports only from its own
+layer or those below it (README "Layout"). Parsed from the source, lazy imports included."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from jax import lax
+import ast
+import pathlib
 
-from sr_purify.models import edsr, layers
+from conftest import REPO
 
-NHWC = ('NHWC', 'HWIO', 'NHWC')
+PACKAGE = REPO / 'sr_purify'
+
+# Lowest first. A module is matched by its longest listed prefix (dotted, below sr_purify).
+LAYERS = (
+    ('core', ('image_ops', 'registry', 'sharding', 'checkpointing', 'reporting', 'perf')),
+    ('models, attacks, data', ('models', 'attacks', 'sr_data', 'classification_data')),
+    ('restore', ('restore',)),
+    (
+        'library',
+        ('losses', 'distillation', 'purifiers', 'evaluators', 'inference', 'export', 'api'),
+    ),
+    ('training loop', ('training',)),
+    ('jobs', ('jobs',)),
+)
+# The package's __init__ re-exports the API lazily (PEP 562 __getattr__); it sits on top.
+TOP = ('__init__',)
 
 
-@pytest.mark.parametrize('kernel,cin,cout', [((3, 3), 5, 7), ((1, 1), 6, 4), ((5, 5), 3, 8)])
-def test_matmul_conv_matches_xla(kernel, cin, cout):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 9, 11, cin)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=kernel + (cin, cout)), jnp.float32)
-    ref = lax.conv_general_dilated(
-        x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
+def layer_of(module: str) -> int:
+    """Index into LAYERS of a dotted module name below sr_purify ('jobs.student' -> 5)."""
+    best, found = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + '.')) and len(prefix) > best:
+                best, found = len(prefix), index
+    if found is None:
+        raise AssertionError(f'sr_purify.{module} is in no layer of tests/test_layers.py')
+    return found
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix('').parts
+    if parts[-1] == '__init__' and len(parts) > 1:
+        parts = parts[:-1]
+    return '.'.join(parts)
+
+
+def imported_modules(tree: ast.AST, package: str):
+    """(line, dotted name below sr_purify) of every sr_purify import in a parsed module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith('sr_purify.'):
+                    yield node.lineno, alias.name[len('sr_purify.') :]
+                elif alias.name.split('.')[0] in ('configs', 'launch'):
+                    yield node.lineno, '!' + alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ''
+            if node.level:  # Relative: resolve against the importing package.
+                parent = package.split('.')[: len(package.split('.')) - node.level + 1]
+                base = '.'.join([p for p in parent if p] + ([base] if base else []))
+                base = 'sr_purify.' + base if base else 'sr_purify'
+            if base == 'sr_purify':
+                for alias in node.names:  # `from sr_purify import models` imports a module.
+                    yield node.lineno, alias.name
+            elif base.startswith('sr_purify.'):
+                yield node.lineno, base[len('sr_purify.') :]
+            elif base in ('configs', 'launch') or base.startswith('configs.'):
+                yield node.lineno, '!' + base
+
+
+def violations():
+    found = []
+    for path in sorted(PACKAGE.rglob('*.py')):
+        name = module_name(path)
+        if name in TOP:
+            continue
+        own = layer_of(name)
+        package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+        tree = ast.parse(path.read_text(), str(path))
+        for line, target in imported_modules(tree, package):
+            where = f'{path.relative_to(REPO)}:{line}'
+            if target.startswith('!'):
+                found.append(
+                    f'{where}: the library imports {target[1:]} (configs and launch.py '
+                    f'sit above it)'
+                )
+                continue
+            if layer_of(target) > own:
+                found.append(
+                    f'{where}: {name} ({LAYERS[own][0]}) imports {target} '
+                    f'({LAYERS[layer_of(target)][0]}), a higher layer'
+                )
+    return found
+
+
+def test_every_library_import_points_down():
+    problems = violations()
+    assert not problems, 'imports against the layer order:\n' + '\n'.join(problems)
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    # A planted violation: a model importing a job, written as a lazy import inside a function.
+    tree = ast.parse(
+        'def f():\n    from sr_purify.jobs import student\n    import configs.teacher\n'
     )
-    got = layers.conv_general_dilated_matmul(
-        x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
-    )
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    # Gradients too (the training path differentiates through the patches).
-    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * ref)
-    g_ref = jax.grad(
-        loss(
-            lambda x, w: lax.conv_general_dilated(
-                x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
-            )
-        ),
-        (0, 1),
-    )(x, w)
-    g_got = jax.grad(
-        loss(
-            lambda x, w: layers.conv_general_dilated_matmul(
-                x, w, (1, 1), 'SAME', dimension_numbers=NHWC, precision='highest'
-            )
-        ),
-        (0, 1),
-    )(x, w)
-    for a, b in zip(g_got, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
-
-
-def test_strided_conv_falls_back_to_xla():
-    x = jnp.ones((1, 8, 8, 2))
-    w = jnp.ones((3, 3, 2, 3))
-    ref = lax.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
-    got = layers.conv_general_dilated_matmul(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
-    np.testing.assert_array_equal(got, ref)
-
-
-def test_conv_params_are_nn_conv_params():
-    x = jnp.ones((1, 6, 6, 3))
-    a = layers.Conv(4, (3, 3), impl='xla').init(jax.random.key(0), x)
-    b = layers.Conv(4, (3, 3), impl='matmul').init(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, a) == {'params': {'kernel': (3, 3, 3, 4), 'bias': (4,)}}
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def test_use_conv_impl_switches_a_model_without_editing_it():
-    model = edsr.EDSR(num_blocks=1, features=8, bicubic_skip=True)
-    x = jnp.asarray(np.random.default_rng(1).random((1, 10, 10, 3)), jnp.float32)
-    params = model.init(jax.random.key(0), x)
-    ref = model.apply(params, x)
-    with layers.use_conv_impl('matmul'):
-        got = model.apply(params, x)
-        text = jax.jit(model.apply).lower(params, x).as_text()
-    assert 'stablehlo.convolution' not in text
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-
-
-def test_unknown_impl_lists_valid():
-    with pytest.raises(ValueError, match='valid: xla, matmul'):
-        layers.conv_factory('winograd')
+    found = list(imported_modules(tree, 'models'))
+    assert found == [(2, 'jobs'), (3, '!configs.teacher')]
+    assert layer_of('jobs.student') > layer_of('models.edsr')
+    assert layer_of('evaluators.sr') == layer_of('purifiers') > layer_of('restore')

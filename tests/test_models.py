@@ -339,4 +339,4 @@ def test_build_unknown_field_lists_valid():
 
 def test_build_overrides():
     model = models.build(ml_collections.ConfigDict(dict(name='imdn', scale=2)), scale=4)
-    assert isinstance(model, models.students.IMDN) and model.scale == 4
+    assert isinstance(model, models.imdn.IMDN) and model.scale == 4

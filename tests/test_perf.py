@@ -49,8 +49,8 @@ def test_user_xla_flags_win():
 def test_settings_follow_the_core_count():
     assert perf.cpu_settings(cores=1).devices == 1
     assert perf.cpu_settings(cores=2).devices == 2
-    assert perf.xla_flags(perf.CpuSettings('', 1, 'xla')) == ''
-    assert perf.xla_flags(perf.CpuSettings('--a', 2, 'xla')) == (
+    assert perf.xla_flags(perf.CpuSettings('', 1)) == ''
+    assert perf.xla_flags(perf.CpuSettings('--a', 2)) == (
         '--a --xla_force_host_platform_device_count=2'
     )
 

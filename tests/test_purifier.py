@@ -19,8 +19,8 @@ from configs import evaluate as evaluate_config
 from configs import purifier as purifier_config
 from sr_purify import attacks, purifiers, sharding, training
 from sr_purify import classification_data as cdata
-from sr_purify.evaluators import robustness
-from sr_purify.trainers import purifier as purifier_trainer
+from sr_purify.evaluators import robustness, robustness_checks, robustness_report
+from sr_purify.jobs import purifier as purifier_job
 
 
 def tiny_purifier_cfg(kind: str) -> ml_collections.ConfigDict:
@@ -95,7 +95,7 @@ def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
     monkeypatch.setattr(training, 'fit', checking_fit)
     writer = RecordingWriter()
     workdir = str(tmp_path / 'work')
-    result = purifier_trainer.train_and_evaluate(c, workdir, writer=writer)
+    result = purifier_job.train_and_evaluate(c, workdir, writer=writer)
     assert result.step == 24 and seen['batches'] >= 24 and seen['traced'] >= 1
 
     losses = list(writer.losses().values())
@@ -124,12 +124,12 @@ def test_purifier_job_refuses_untrainable_kind_and_bad_mix():
         match=r"kind 'jpeg' has no parameters to train; valid: nrp, "
         r'sr_resample',
     ):
-        purifier_trainer.check_config(c)
+        purifier_job.check_config(c)
     c = purifier_config.get_config()
     c.perturb.pgd = 0.5
     with pytest.raises(ValueError, match='needs purifier.feature.kind=classifier'):
-        purifier_trainer.check_config(c)
-    assert purifier_trainer.mix_counts(
+        purifier_job.check_config(c)
+    assert purifier_job.mix_counts(
         ml_collections.ConfigDict(dict(ssp=0.5, pgd=0.25, noise=0.25)), 8
     ) == (4, 2, 2)
 
@@ -138,8 +138,8 @@ def test_victim_recipe_is_label_free_and_asks_for_the_victim():
     # configs/purifier.py:nrp,victim is the benchmark's recipe: half SSP on the victim's features,
     # half PGD on its own predictions; without the victim's workdir it names the flag to pass.
     c = purifier_config.get_config('nrp,victim')
-    assert purifier_trainer.check_config(c) == {'pixel': 1.0, 'feature': 1.0, 'identity': 2.0}
-    assert purifier_trainer.mix_counts(c.perturb, c.batch_size) == (16, 16, 0)
+    assert purifier_job.check_config(c) == {'pixel': 1.0, 'feature': 1.0, 'identity': 2.0}
+    assert purifier_job.mix_counts(c.perturb, c.batch_size) == (16, 16, 0)
     assert (c.purifier.feature.kind, c.purifier.feature.layer) == ('classifier', 'stage_3')
     with pytest.raises(FileNotFoundError, match='--config.purifier.feature.checkpoint'):
         purifiers.build_feature(c.purifier.feature)
@@ -272,7 +272,7 @@ def test_sanity_checks_catch_planted_violations(check, plant):
     bad = robustness.sanity_checks(results)
     assert not bad['passed']
     assert {c['check'] for c in bad['checks'] if not c['ok']} == {check}
-    lines = robustness.sanity_lines(bad)
+    lines = robustness_checks.sanity_lines(bad)
     assert any(line.startswith('SANITY FAILED:') for line in lines)
 
 
@@ -359,7 +359,7 @@ def test_table_matches_hand_computation(tmp_path, capsys):
             (clean_p & tr).mean(),
         ]
 
-    header, table_rows = robustness.table(results, percent=False)
+    header, table_rows = robustness_report.table(results, percent=False)
     assert header == [
         'purifier',
         'clean',
@@ -379,7 +379,7 @@ def test_table_matches_hand_computation(tmp_path, capsys):
     assert hand['none'][2] == hand['none'][3]
     assert results['sanity']['passed'], results['sanity']['failures']
 
-    md = robustness.report(
+    md = robustness_report.report(
         str(tmp_path),
         dict(results, transfer_note='test'),
         samples,

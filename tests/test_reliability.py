@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import REPO, RecordingWriter, tiny_sr_config
 
-from sr_purify import data
-from sr_purify.trainers import sr as sr_trainer
+from sr_purify import sr_data
+from sr_purify.jobs import teacher as teacher_job
 
 TINY = [
     '--config=configs/teacher.py',
@@ -147,7 +147,7 @@ def test_two_processes_match_one_process_and_only_process_0_writes(tmp_path):
 
 
 def _train(cfg, workdir):
-    result = sr_trainer.train_and_evaluate(cfg, str(workdir), writer=RecordingWriter())
+    result = teacher_job.train_and_evaluate(cfg, str(workdir), writer=RecordingWriter())
     return jax.tree.leaves(jax.tree.map(np.asarray, result.state.params))
 
 
@@ -173,8 +173,8 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(folder / 'good.png')
     (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 10)
     with pytest.raises(ValueError, match=r"cannot read image '.*broken.png'.*skip_bad=True"):
-        data.eval_images(str(folder))
-    _, images = data.eval_images(str(folder), skip_bad=True)
+        sr_data.eval_images(str(folder))
+    _, images = sr_data.eval_images(str(folder), skip_bad=True)
     assert [im.name for im in images] == ['good']
     assert 'skipped 1 unreadable image(s)' in caplog.text
 

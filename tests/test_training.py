@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from conftest import REPO, RecordingWriter, tiny_sr_config
 
-from sr_purify import checkpointing, data, models, training
-from sr_purify.trainers import sr as sr_trainer
+from sr_purify import checkpointing, models, sr_data, training
+from sr_purify.jobs import teacher as teacher_job
 
 
 def _batches(cfg, scale=2, start=0, n=2, process_index=0, process_count=1, seed=0):
-    it = data.sr_train_batches(
+    it = sr_data.sr_train_batches(
         cfg,
         scale=scale,
         global_batch=8,
@@ -72,7 +72,7 @@ def test_pipeline_rejects_bad_scale_and_small_images(tmp_path):
 
 def test_missing_folder_and_tfds_fail_at_once(tmp_path):
     with pytest.raises(FileNotFoundError, match='does not exist; pass an existing folder'):
-        data.eval_images(str(tmp_path / 'nope'))
+        sr_data.eval_images(str(tmp_path / 'nope'))
     cfg = tiny_sr_config().data
     cfg.source, cfg.data_dir = 'tfds', str(tmp_path)
     with pytest.raises(FileNotFoundError, match='not prepared.*--config.data.download=True'):
@@ -81,7 +81,7 @@ def test_missing_folder_and_tfds_fail_at_once(tmp_path):
 
 def _train(cfg, workdir):
     writer = RecordingWriter()
-    result = sr_trainer.train_and_evaluate(cfg, str(workdir), writer=writer)
+    result = teacher_job.train_and_evaluate(cfg, str(workdir), writer=writer)
     return result, writer.losses()
 
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from sr_purify import attacks, models, reporting, sharding
 from sr_purify import classification_data as cdata
-from sr_purify.trainers import classifier as classifier_trainer
 
 
 def attack_label(cfg: ml_collections.ConfigDict) -> str:
@@ -46,28 +45,12 @@ def perturbation_tile(delta: np.ndarray, magnify: float) -> np.ndarray:
     return np.clip(0.5 + magnify * delta, 0.0, 1.0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-    """Evaluate job, mode 'attack'. Returns the `attacks` results section."""
-    # Fail fast on the cheap checks: attack settings, then the checkpoint, then the data.
-    attacks.classifier_attacks(config.attacks)
-    variables, step = classifier_trainer.restore(
-        config.classifier.checkpoint, config.classifier.model
-    )
-    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
-    sharding.check_batch(config.batch_size, mesh)
-    data = config.data
-    split = cdata.subset(
-        cdata.load_split(data, data.eval_split), data.eval_examples, data.subset_seed
-    )
+def report(
+    workdir: str, config: ml_collections.ConfigDict, result: Dict[str, Any], samples, step: int
+) -> None:
+    """Prints the table; writes attacks_table.md, results.json, scalars and the grid."""
     writer = reporting.create_writer(workdir)
-    result, samples = evaluate(config, variables, split, mesh)
-    result.update(
-        checkpoint=config.classifier.checkpoint,
-        checkpoint_step=step,
-        model=config.classifier.model.to_dict(),
-        data=split.source,
-    )
-
+    data = config.data
     title = (
         f'Attacks on {config.classifier.model.name} ({config.classifier.checkpoint}, step '
         f'{step}), {result["examples"]} {data.eval_split} images'
@@ -96,9 +79,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         scalars[f'attacks/{label.replace("/", "_").replace(" ", "_")}/accuracy'] = r['accuracy']
     writer.write_scalars(step, scalars)
     if samples['clean'] is not None:
-        reporting.write_grid(workdir, 'attacks_grid.png', grid(samples, magnify), writer, step)
+        reporting.write_grid(
+            workdir,
+            'attacks_grid.png',
+            grid(samples, magnify, list(result['per_attack'])),
+            writer,
+            step,
+        )
     writer.flush()
-    return result
 
 
 def evaluate(
@@ -111,7 +99,11 @@ def evaluate(
     """
     cfgs = list(config.attacks)
     labels = _labels(cfgs)
-    predict_logits = classifier_trainer.make_predict(models.build(config.classifier.model))
+    model = models.build(config.classifier.model)
+
+    def predict_logits(variables, x):
+        return model.apply(variables, x, train=False)
+
     replicated = sharding.replicated(mesh)
     variables = jax.device_put(variables, replicated)
 
@@ -149,12 +141,12 @@ def evaluate(
         )
     ):
         g = sharding.to_global(batch, mesh)
-        masks.append(_global_mask(b, config.batch_size, len(split)))
+        masks.append(sharding.batch_mask(b, config.batch_size, len(split)))
         t = time.time()
         clean.append(np.asarray(jax.device_get(clean_correct(variables, g['image'], g['label']))))
         clean_seconds += time.time() - t
         if b == 0:
-            samples['clean'] = _first(g['image'], num_grid, replicated)
+            samples['clean'] = sharding.first_rows(g['image'], num_grid, replicated)
         for k, run_attack in enumerate(runners):
             t = time.time()
             x_adv = run_attack(
@@ -169,7 +161,7 @@ def evaluate(
             for name in per[k]:
                 per[k][name].append(np.asarray(m[name]))
             if b == 0:
-                samples['adv'][k] = _first(x_adv, num_grid, replicated)
+                samples['adv'][k] = sharding.first_rows(x_adv, num_grid, replicated)
         logging.info('attack evaluation: batch %d done', b + 1)
 
     mask = np.concatenate(masks).astype(bool)
@@ -200,17 +192,12 @@ def evaluate(
     return result, samples
 
 
-def _first(x, count: int, replicated) -> np.ndarray:
-    """The first `count` images of a global batch, on the host (safe on many hosts)."""
-    return np.asarray(jax.device_get(jax.jit(lambda a: a[:count], out_shardings=replicated)(x)))
+def grid(samples: Dict[str, Any], magnify: float, labels: Sequence[str] = ()) -> np.ndarray:
+    """Rows of clean | (perturbation x magnify, adversarial) per attack, tiles enlarged 3x.
 
-
-def _global_mask(b: int, global_batch: int, n: int) -> np.ndarray:
-    return (np.arange(b * global_batch, (b + 1) * global_batch) < n).astype(np.float32)
-
-
-def grid(samples: Dict[str, Any], magnify: float) -> np.ndarray:
-    """Rows of clean | (perturbation x magnify, adversarial) per attack, tiles enlarged 3x."""
+    `labels` are the attacks' table labels, in the order of `samples['adv']`; given, they
+    head the columns ('<label> delta', '<label> adv').
+    """
     clean = samples['clean']
     up = 3 if clean.shape[1] <= 64 else 1  # Tiny CIFAR tiles are hard to see at 1:1.
     size = (clean.shape[1] * up, clean.shape[2] * up)
@@ -223,4 +210,5 @@ def grid(samples: Dict[str, Any], magnify: float) -> np.ndarray:
             )
             row.append(reporting.nearest_upscale(adv[i], size))
         rows.append(row)
-    return reporting.image_grid(rows)
+    columns = ['clean'] + [f'{label} {kind}' for label in labels for kind in ('delta', 'adv')]
+    return reporting.image_grid(rows, labels=columns if labels else ())

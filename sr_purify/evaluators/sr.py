@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sr_purify import image_ops
-from sr_purify.data import Image
+from sr_purify.image_ops import Image
+from sr_purify.models import parameter_count
 
 # apply(lr) -> sr, both NHWC float in [0, 1]; jitted by the caller (compiled once per shape).
 SRFn = Callable[[jax.Array], jax.Array]
@@ -88,10 +89,6 @@ def sample_grid_rows(
     return rows
 
 
-def parameter_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def flops(
     apply_with_params: Callable, params, scale: int, output_hw: Sequence[int] = COST_OUTPUT_HW
 ) -> float:
@@ -116,34 +113,6 @@ def latency_ms(apply: SRFn, lr_hw: Sequence[int] = (128, 128), repeats: int = 5)
     return 1000.0 * float(np.median(times))
 
 
-def model_row(
-    name: str,
-    apply: Optional[SRFn],
-    params,
-    apply_with_params,
-    scale: int,
-    metrics: Dict[str, object],
-) -> Dict[str, object]:
-    """One line of a results table: quality, parameters, FLOPs and latency."""
-    if apply is None:
-        return {
-            'model': name,
-            'psnr': metrics['bicubic_psnr'],
-            'ssim': metrics['bicubic_ssim'],
-            'params': 0,
-            'gflops_720p': 0.0,
-            'ms_per_128px_lr': float('nan'),
-        }
-    return {
-        'model': name,
-        'psnr': metrics['psnr'],
-        'ssim': metrics['ssim'],
-        'params': parameter_count(params),
-        'gflops_720p': flops(apply_with_params, params, scale) / 1e9,
-        'ms_per_128px_lr': latency_ms(apply),
-    }
-
-
 def compare(
     models: Sequence[tuple],
     datasets: Sequence[str],
@@ -160,7 +129,7 @@ def compare(
     Prints and writes a markdown table, merges `sr` and `models` sections into results.json, and
     writes an image grid LR | bicubic | models... | HR from the first dataset.
     """
-    from sr_purify import data, reporting
+    from sr_purify import reporting, sr_data  # Lazy: loading datasets needs TensorFlow.
 
     applies = [(name, jax.jit(lambda x, f=f, p=p: f(p, x)), f, p) for name, f, p in models]
     results, rows, cost = {}, [], {}
@@ -172,7 +141,7 @@ def compare(
         }
     first_images = None
     for spec in datasets:
-        set_name, images = data.eval_images(spec)
+        set_name, images = sr_data.eval_images(spec)
         first_images = first_images or images
         per_model = {}
         bic = None
@@ -217,63 +186,7 @@ def compare(
             applies[0][1], first_images, scale, others=[a[1] for a in applies[1:]]
         )
         if grid_rows:
-            reporting.write_grid(workdir, grid_name, reporting.image_grid(grid_rows), writer, step)
+            columns = ['LR', 'bicubic', *(a[0] for a in applies), 'HR']
+            grid = reporting.image_grid(grid_rows, labels=columns)
+            reporting.write_grid(workdir, grid_name, grid, writer, step)
     return {'sr': results, 'models': cost, 'table': table}
-
-
-def run(config, workdir: str):
-    """Evaluate job, mode 'sr': bicubic and (given `config.checkpoint`) a restored SR model."""
-    from sr_purify import checkpointing, data, models
-
-    model_config = config.model
-    if config.checkpoint and config.get('model_from_checkpoint', True):
-        model_config = saved_model_config(config.checkpoint) or model_config
-    scale = data.check_scale(model_config.scale)
-    entries = []
-    if config.checkpoint:
-        model = models.build(model_config)
-        abstract = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
-        )
-        params, step = checkpointing.restore_params(config.checkpoint, abstract, 'SR model')
-        entries.append(
-            (
-                config.get('label', model_config.name),
-                lambda p, x: model.apply({'params': p}, x),
-                params,
-            )
-        )
-    for spec in config.datasets:
-        if spec != 'embedded':
-            data.list_image_files(spec)  # Fail at once on a wrong path, before any work.
-    return compare(
-        entries,
-        config.datasets,
-        scale,
-        workdir,
-        title=f'SR evaluation x{scale}'
-        + (f' of {config.checkpoint}' if config.checkpoint else ' (bicubic)'),
-        grid_name='sr_grid.png' if entries else None,
-    )
-
-
-def saved_model_config(checkpoint: str):
-    """The `model` section of the config.json that the job which wrote `checkpoint` left beside it
-    (in the checkpoint folder or its parent), so a user needs no architecture flags to evaluate."""
-    import json
-    import os
-
-    import ml_collections
-
-    for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
-        path = os.path.join(folder, 'config.json')
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if 'model' in saved:
-                model = saved['model']
-                # The student config keeps one field group per architecture (model.edsr, ...).
-                if isinstance(model.get(model['name']), dict):
-                    model = dict(name=model['name'], scale=model['scale'], **model[model['name']])
-                return ml_collections.ConfigDict(model)
-    return None

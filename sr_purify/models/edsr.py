@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sr_purify.image_ops import check_scale
+
 UPSAMPLERS = ('edsr', 'espcn')
 
 # DIV2K RGB mean used by EDSR's MeanShift.
@@ -26,15 +28,6 @@ def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
     x = x.reshape(n, h, w, oc, scale, scale)
     x = x.transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(n, h * scale, w * scale, oc)
-
-
-VALID_SCALES = (2, 3, 4)
-
-
-def check_scale(scale: int) -> None:
-    """Raises ValueError listing the valid scales unless `scale` is one of them."""
-    if scale not in VALID_SCALES:
-        raise ValueError(f'scale {scale} not supported; valid: {", ".join(map(str, VALID_SCALES))}')
 
 
 class SubPixelOutput(nn.Module):

@@ -38,7 +38,7 @@ def load_images(config: ml_collections.ConfigDict) -> Tuple[Any, np.ndarray, str
     """(training bank, held-out uint8 images, source). No labels leave this function.
 
     The bank is a uint8 (N, H, W, 3) array (CIFAR) or a list of HxWx3 images (photos); the
-    held-out images are `data.eval_images` crops of `data.patch` pixels.
+    held-out images are `sr_data.eval_images` crops of `data.patch` pixels.
     """
     d = config.data
     if d.source not in DATA_SOURCES:
@@ -54,7 +54,7 @@ def load_images(config: ml_collections.ConfigDict) -> Tuple[Any, np.ndarray, str
         if train.images.shape[1:3] != (d.patch, d.patch):
             return list(train.images), _fixed_crops(list(held.images), d.patch), train.source
         return train.images, held.images, train.source
-    from sr_purify import data as sr_data
+    from sr_purify import sr_data
 
     if d.source == 'folder':
         if not d.path:
@@ -253,13 +253,8 @@ def make_loss_fn(
     )
 
     def forward(params, x, rng):
-        if purifier.random:  # Train on what deployment sees: noise, then the network.
-            x = jnp.clip(
-                x + purifier.input_noise * jax.random.normal(rng, x.shape, x.dtype),
-                min=0.0,
-                max=1.0,
-            )
-        return purifier.raw(params, x)
+        # Train on what deployment sees: the input noise (if any), then the unclipped network.
+        return purifier.raw(params, purifier.add_noise(x, rng))
 
     def loss_fn(params, model_state, batch, rng, fparams):
         x = batch['image']
@@ -451,7 +446,11 @@ def train_and_evaluate(
         for i in range(n)
     ]
     reporting.write_grid(
-        workdir, 'purifier_grid.png', reporting.image_grid(grid_rows), log, result.step
+        workdir,
+        'purifier_grid.png',
+        reporting.image_grid(grid_rows, labels=('clean', "x'", "P(x')", 'P(x)')),
+        log,
+        result.step,
     )
     logging.info(
         "purifier %s: PSNR of P(x') %.2f dB (x' %.2f dB), %.2f steps/s, %.0f s",

@@ -12,7 +12,6 @@ Two kinds of source:
     shuffled with a seed that folds in the start step.
 """
 
-import dataclasses
 import glob
 import logging
 import os
@@ -23,9 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from sr_purify import registry
+from sr_purify.image_ops import Image, check_scale  # noqa: F401  (part of this module's API)
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
-SCALES = (2, 3, 4)
 
 # Held-out photos never used for training on the embedded default.
 EMBEDDED_TRAIN = (
@@ -37,18 +36,6 @@ EMBEDDED_TRAIN = (
     'stereo_motorcycle',
 )
 EMBEDDED_EVAL = ('chelsea', 'coffee')
-
-
-@dataclasses.dataclass
-class Image:
-    name: str
-    pixels: np.ndarray  # uint8, HxWx3 (or HxW for grayscale evaluation images)
-
-
-def check_scale(scale: int) -> int:
-    if scale not in SCALES:
-        raise ValueError(f'scale {scale!r} not supported; valid: {", ".join(map(str, SCALES))}')
-    return scale
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 `train_and_evaluate(config, workdir)` resumes from <workdir>/checkpoints, reports accuracy on a
 fixed test subset every `eval_every` steps and at the end, and writes the `classifier` section of
-results.json. `restore(checkpoint, model_config)` gives other jobs the trained variables (parameters
-and BatchNorm statistics) as `model.apply` takes them.
+results.json. Other jobs restore the trained variables (parameters and BatchNorm statistics) with
+`restore.load(workdir, 'classifier')`.
 """
 
 import logging
@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from sr_purify import checkpointing, models, reporting, sharding, training
 from sr_purify import classification_data as cdata
+from sr_purify import models, reporting, sharding, training
 
 
 def _split_variables(variables) -> Tuple[Any, Dict[str, Any]]:
@@ -113,10 +113,6 @@ def load_data(config: ml_collections.ConfigDict) -> Tuple[cdata.Split, cdata.Spl
     return train, test
 
 
-def parameter_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, writer=None
 ) -> training.FitResult:
@@ -179,7 +175,7 @@ def train_and_evaluate(
         'eval_split': config.data.eval_split,
         'train_examples': len(train),
         'data': train.source,
-        'params': parameter_count(result.state.params),
+        'params': models.parameter_count(result.state.params),
         'steps': result.step,
         'steps_per_sec': result.steps_per_sec,
         'wall_s': result.wall_s,
@@ -211,40 +207,3 @@ def train_and_evaluate(
     )
     writer.flush()
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Restoring a trained classifier in another job.
-
-
-def restore(
-    checkpoint: str,
-    model_config: ml_collections.ConfigDict,
-    image_shape: Tuple[int, int, int] = (32, 32, 3),
-    flag: str = '--config.classifier.checkpoint',
-) -> Tuple[Any, int]:
-    """Variables ({'params', 'batch_stats'...}) of the newest valid step of a classifier job.
-
-    `checkpoint` is the job's workdir or its checkpoints/ folder. A missing one raises
-    FileNotFoundError at once naming `flag`; another architecture raises CheckpointMismatchError.
-    """
-    directory = checkpointing.checkpoint_directory(checkpoint) if checkpoint else ''
-    if not directory or not checkpointing.has_checkpoints(directory):
-        raise FileNotFoundError(
-            f'no classifier checkpoint in {checkpoint!r}; pass {flag}=<workdir of a finished '
-            f'classifier job>, e.g. after python launch.py --config=configs/classifier.py '
-            f'--workdir=workdirs/classifier'
-        )
-    model = models.build(model_config)
-    abstract = flax.core.unfreeze(
-        jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
-        )
-    )
-    state, step = checkpointing.restore_newest(directory, 'classifier')
-    saved = {'params': state['params'], **(state.get('model_state') or {})}
-    checkpointing.check_compatible(saved, abstract, f'{directory} step {step}')
-    variables = jax.tree.map(
-        lambda a, x: np.asarray(x, a.dtype), abstract, {k: saved[k] for k in abstract}
-    )
-    return variables, step

@@ -10,7 +10,7 @@
    optimiser state nor any checkpoint the job writes. Training checkpoints (student + adapters +
    optimiser, for resuming) are in <workdir>/checkpoints;
 4. exports the student's parameters alone (no adapters, no teacher) to <workdir>/student, which
-   `checkpointing.restore_params` (or `load_student`) restores from the student config alone;
+   `restore.load` restores (the architecture from <workdir>/config.json);
 5. scores bicubic, the student and the teacher on the held-out images (PSNR/SSIM, parameters,
    FLOPs, latency) into sr_table.md, results.json and sr_grid.png (LR | bicubic | student |
    teacher | HR).
@@ -27,28 +27,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import checkpointing, data, distillation, models, reporting, sharding, training
+from sr_purify import (
+    checkpointing,
+    distillation,
+    models,
+    reporting,
+    restore,
+    sharding,
+    sr_data,
+    training,
+)
 from sr_purify.evaluators import sr as sr_eval
-from sr_purify.trainers import sr as sr_trainer
+from sr_purify.jobs import teacher as teacher_job
 
 PyTree = Any
-
-
-def student_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The flat `{name, scale, **fields}` that `models.build` takes.
-
-    The student config keeps one sub-dict of fields per architecture (`model.edsr`, `model.imdn`,
-    ...) so `--config.model.name=imdn` alone switches the student; a flat model config (as
-    configs/evaluate.py has) is returned as it is.
-    """
-    fields = model.get(model.name)
-    if not isinstance(fields, ml_collections.ConfigDict):
-        return model
-    return ml_collections.ConfigDict(dict(name=model.name, scale=model.scale, **fields.to_dict()))
-
-
-def build_student(model: ml_collections.ConfigDict) -> nn.Module:
-    return models.build(student_model_config(model))
 
 
 def abstract_params_and_taps(model: nn.Module, patch: int = 16) -> Tuple[PyTree, Dict[str, int]]:
@@ -58,14 +50,6 @@ def abstract_params_and_taps(model: nn.Module, patch: int = 16) -> Tuple[PyTree,
         lambda x: model.init_with_output(jax.random.key(0), x, return_features=True), x
     )
     return variables['params'], {k: int(v.shape[-1]) for k, v in feats.items()}
-
-
-def load_student(model: ml_collections.ConfigDict, directory: str) -> Tuple[nn.Module, PyTree]:
-    """(module, params) of an exported student (<workdir>/student), from its model config alone."""
-    student = build_student(model)
-    abstract, _ = abstract_params_and_taps(student)
-    params, _ = checkpointing.restore_params(directory, abstract, 'student')
-    return student, params
 
 
 def teacher_checkpoint(config: ml_collections.ConfigDict, workdir: str):
@@ -81,7 +65,7 @@ def teacher_checkpoint(config: ml_collections.ConfigDict, workdir: str):
         config.teacher.model.name,
         directory,
     )
-    return directory, sr_trainer.train_and_evaluate(config.teacher, directory)
+    return directory, teacher_job.train_and_evaluate(config.teacher, directory)
 
 
 @dataclasses.dataclass
@@ -103,16 +87,16 @@ class Distilled:
 def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Distilled:
     """Steps 1-4 of the module docstring: checks, teacher, distillation, export."""
     reporting.check_workdir(workdir)
-    student = build_student(config.model)
+    student = models.build(config.model)
     teacher = models.build(config.teacher.model)
-    scale = data.check_scale(config.model.scale)
+    scale = sr_data.check_scale(config.model.scale)
     if config.teacher.model.scale != scale:
         raise ValueError(
             f'the student is x{scale} but the teacher x{config.teacher.model.scale}; '
             f'set config.teacher.model.scale={scale}'
         )
     _, student_taps = abstract_params_and_taps(student)
-    teacher_abstract, teacher_taps = abstract_params_and_taps(teacher)
+    _, teacher_taps = abstract_params_and_taps(teacher)
     # Fail on a bad loss name or tap before minutes of teacher training.
     active = distillation.check_config(config.distill, student_taps, teacher_taps)
     loss = distillation.make_loss(config.distill)
@@ -134,18 +118,23 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
         return Distilled(
             teacher_run, student, teacher, None, None, teacher_dir, 0, teacher_run, active, None
         )
-    teacher_params, teacher_step = checkpointing.restore_params(
-        teacher_dir, teacher_abstract, 'teacher'
+    teacher_restored = restore.load(
+        teacher_dir,
+        'sr',
+        model_config=config.teacher.model,
+        flag='--config.teacher.checkpoint',
+        what='teacher',
     )
+    teacher_params, teacher_step = teacher_restored.params, teacher_restored.step
     logging.info(
         'teacher %s (%d parameters) from %s step %d; losses %s',
         config.teacher.model.name,
-        sr_eval.parameter_count(teacher_params),
+        models.parameter_count(teacher_params),
         teacher_dir,
         teacher_step,
         active,
     )
-    _, periodic_images = data.eval_images(config.eval.datasets[0])
+    _, periodic_images = sr_data.eval_images(config.eval.datasets[0])
 
     def init_variables(rng):
         # The same seed as an RngBitGenerator key: XLA on CPU takes seconds to compile threefry's
@@ -195,9 +184,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
         workdir,
         init_variables=init_variables,
         loss_fn=loss_fn,
-        batches=sr_trainer.sr_batches(config, scale),
+        batches=teacher_job.sr_batches(config, scale),
         frozen=teacher_params,
-        evaluate=sr_trainer.psnr_evaluator(
+        evaluate=teacher_job.psnr_evaluator(
             lambda p, x: student.apply({'params': p['student']}, x), periodic_images, scale
         ),
         writer=writer,
@@ -255,7 +244,7 @@ def train_and_evaluate(
     def teacher_apply(params, x):
         return run.teacher.apply({'params': params}, x)
 
-    name = student_model_config(config.model).name
+    name = config.model.name
     title = (
         f'student ({name}) distilled from teacher ({config.teacher.model.name}) with '
         f'{", ".join(f"{k} x{w:g}" for k, w in active.items())}, {result.step} steps'

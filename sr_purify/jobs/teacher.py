@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import data, losses, models, reporting, sharding, training
+from sr_purify import losses, models, reporting, sharding, sr_data, training
 from sr_purify.evaluators import sr as sr_eval
 
 
 def sr_batches(config: ml_collections.ConfigDict, scale: int):
     """`start_step -> iterator` of this process's share of the training batches."""
-    return lambda start_step: data.sr_train_batches(
+    return lambda start_step: sr_data.sr_train_batches(
         config.data,
         scale=scale,
         global_batch=config.batch_size,
@@ -52,9 +52,9 @@ def train_and_evaluate(
     reporting.check_workdir(workdir)
     reporting.write_config(workdir, config)
     model = models.build(config.model)
-    scale = data.check_scale(config.model.scale)
+    scale = sr_data.check_scale(config.model.scale)
     loss = losses.pixel_loss(config.get('loss', 'l1'))
-    _, periodic_images = data.eval_images(config.eval.datasets[0])
+    _, periodic_images = sr_data.eval_images(config.eval.datasets[0])
 
     def init_variables(rng):
         x = jnp.zeros((1, config.data.patch, config.data.patch, 3), jnp.float32)

@@ -1,0 +1,176 @@
+"""The evaluate job (configs/evaluate.py): `config.mode` picks what is evaluated.
+
+* 'sr': bicubic and, given `config.checkpoint`, a restored SR model on benchmark folders;
+* 'attack': a trained classifier under every attack of `config.attacks`;
+* 'robustness': purifiers in front of a classifier under oblivious, adaptive and transfer attackers.
+
+Each mode restores what it needs through `restore.load` (fail fast on settings and paths before
+any data loads), runs the library evaluator and writes its report into the workdir.
+"""
+
+import time
+from typing import Any, Dict, List, Sequence
+
+import jax
+import ml_collections
+
+from sr_purify import attacks, purifiers, registry, reporting, restore, sharding, sr_data
+from sr_purify import classification_data as cdata
+from sr_purify.evaluators import attacks as attack_eval
+from sr_purify.evaluators import robustness, robustness_report
+from sr_purify.evaluators import sr as sr_eval
+
+MODES = ('sr', 'attack', 'robustness')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+    mode = registry.lookup({m: m for m in MODES}, config.mode, 'evaluation mode')
+    reporting.check_workdir(workdir)
+    reporting.write_config(workdir, config)
+    return {'sr': evaluate_sr, 'attack': evaluate_attacks, 'robustness': evaluate_robustness}[mode](
+        config, workdir
+    )
+
+
+def evaluate_sr(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Mode 'sr': bicubic and (given `config.checkpoint`) a restored SR model."""
+    entries, scale = [], sr_data.check_scale(config.model.scale)
+    if config.checkpoint:
+        # The architecture comes from the job's config.json unless told otherwise.
+        given = None if config.get('model_from_checkpoint', True) else config.model
+        model = restore.load(config.checkpoint, 'sr', model_config=given)
+        scale = sr_data.check_scale(model.scale)
+        label = config.get('label', model.model_config.name)
+        module = model.module
+        entries.append((label, lambda p, x: module.apply({'params': p}, x), model.params))
+    for spec in config.datasets:
+        if spec != 'embedded':
+            sr_data.list_image_files(spec)  # Fail at once on a wrong path, before any work.
+    title = f'SR evaluation x{scale}' + (
+        f' of {config.checkpoint}' if config.checkpoint else ' (bicubic)'
+    )
+    return sr_eval.compare(
+        entries,
+        config.datasets,
+        scale,
+        workdir,
+        title=title,
+        grid_name='sr_grid.png' if entries else None,
+    )
+
+
+def _classifier(entry: ml_collections.ConfigDict, flag: str) -> restore.Restored:
+    return restore.load(entry.checkpoint, 'classifier', model_config=entry.model, flag=flag)
+
+
+def _eval_split(config: ml_collections.ConfigDict) -> cdata.Split:
+    data = config.data
+    return cdata.subset(
+        cdata.load_split(data, data.eval_split), data.eval_examples, data.subset_seed
+    )
+
+
+def evaluate_attacks(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Mode 'attack'. Returns the `attacks` results section."""
+    # Fail fast on the cheap checks: attack settings, then the checkpoint, then the data.
+    attacks.classifier_attacks(config.attacks)
+    classifier = _classifier(config.classifier, '--config.classifier.checkpoint')
+    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+    sharding.check_batch(config.batch_size, mesh)
+    split = _eval_split(config)
+    result, samples = attack_eval.evaluate(config, classifier.variables, split, mesh)
+    result.update(
+        checkpoint=config.classifier.checkpoint,
+        checkpoint_step=classifier.step,
+        model=config.classifier.model.to_dict(),
+        data=split.source,
+    )
+    attack_eval.report(workdir, config, result, samples, classifier.step)
+    return result
+
+
+def purifier_rows(
+    entries: Sequence[ml_collections.ConfigDict], mesh, seed: int = 0
+) -> List[robustness.Row]:
+    """Purifier rows from `config.purifiers`: a trained job's export when `checkpoint` is set,
+    else the kind itself (trainable kinds at their starting point, e.g. the distilled student)."""
+    rows, seen = [], set()
+    for entry in entries:
+        label = entry.get('label', '') or entry.kind
+        if label in seen:
+            raise ValueError(f'two purifier rows are labelled {label!r}; set distinct labels')
+        seen.add(label)
+        if entry.get('checkpoint', ''):
+            purifier, params, saved, step = purifiers.restore(entry.checkpoint, mesh)
+            if saved.kind != entry.kind:
+                raise ValueError(
+                    f'purifier row {label!r} is {entry.kind!r} but {entry.checkpoint} '
+                    f'holds a {saved.kind!r} purifier'
+                )
+            source = f'{entry.checkpoint} step {step}'
+        else:
+            purifier = purifiers.build(entry, mesh)
+            params = purifiers.initial_params(purifier, entry, jax.random.key(seed))
+            source = 'untrained' if purifier.kind in purifiers.TRAINABLE else 'no parameters'
+            if purifier.kind == 'sr_resample' and entry.get('student_checkpoint', ''):
+                source = f'student {entry.student_checkpoint}, not fine-tuned'
+        rows.append(robustness.Row(label, purifier, params, source))
+    return rows
+
+
+def evaluate_robustness(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Mode 'robustness'. Returns the `robustness` results section."""
+    robustness.attack_list(config)  # Fail fast on attack settings, then checkpoints, then data.
+    classifier = _classifier(config.classifier, '--config.classifier.checkpoint')
+    transfer, transfer_note = None, ''
+    if config.transfer.get('checkpoint', ''):
+        source = _classifier(config.transfer, '--config.transfer.checkpoint')
+        transfer = (lambda v, x, m=source.module: m.apply(v, x, train=False), source.variables)
+        transfer_note = (
+            f'adversarial examples made on {config.transfer.model.name} '
+            f'({config.transfer.checkpoint}, step {source.step}), same attack settings'
+        )
+    else:
+        transfer_note = (
+            'skipped: no --config.transfer.checkpoint given (e.g. the workdir of '
+            'configs/classifier.py:small_cnn)'
+        )
+        print(f'note: transfer attacker {transfer_note}', flush=True)
+    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+    sharding.check_batch(config.batch_size, mesh)
+    rows = purifier_rows(config.purifiers, mesh, config.seed)
+    split = _eval_split(config)
+    t0 = time.time()
+    module = classifier.module
+    results, samples = robustness.evaluate(
+        config,
+        lambda v, x: module.apply(v, x, train=False),
+        classifier.variables,
+        rows,
+        split,
+        mesh,
+        transfer,
+    )
+    results.update(
+        classifier={
+            'checkpoint': config.classifier.checkpoint,
+            'step': classifier.step,
+            'model': config.classifier.model.to_dict(),
+        },
+        transfer_note=transfer_note,
+        data=split.source,
+        wall_s=time.time() - t0,
+    )
+    robustness_report.report(
+        workdir,
+        results,
+        samples,
+        rows,
+        config,
+        title=(
+            f'Robustness of {config.classifier.model.name} ({config.classifier.checkpoint}, '
+            f'step {classifier.step}) behind each purifier, {results["examples"]} '
+            f'{config.data.eval_split} images, accuracy %'
+        ),
+    )
+    return results
