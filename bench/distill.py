@@ -21,34 +21,43 @@ weight 3) gains +0.15 dB over scratch; zoom-outs labelled by their own LR patch 
 +0.05.
 """
 
+import argparse
 import json
+import logging
 import os
 import sys
 import time
 
-from absl import app, flags, logging
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/bench_distill', 'Where the runs go.')
-_TEACHER = flags.DEFINE_string(
-    'teacher',
-    '',
-    "Teacher workdir; empty: train one into <workdir>/teacher with the student config's teacher.",
-)
-_TEACHER_STEPS = flags.DEFINE_integer(
-    'teacher_steps', 0, "Steps of the teacher trained here (0: the teacher config's)."
-)
-_STEPS = flags.DEFINE_integer('steps', 0, "Student steps per run (0: the student config's).")
-_RUNS = flags.DEFINE_list('runs', None, 'Runs to do, in order (default: DEFAULT_RUNS).')
-_SCALE = flags.DEFINE_integer('scale', 2, 'SR scale.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run (initial weights, batches).')
-_DATASETS = flags.DEFINE_list(
-    'datasets',
-    ['../shared/data/sr_benchmarks/Set5', '../shared/data/sr_benchmarks/Set14'],
-    'Benchmark folders (<set>/HR/*.png).',
-)
-_OUT = flags.DEFINE_string('out', '', 'Also write the markdown table here.')
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--workdir', default='workdirs/bench_distill', help='Where the runs go.')
+    p.add_argument(
+        '--teacher',
+        default='',
+        help='Teacher workdir; empty: train one into <workdir>/teacher with the student '
+        "config's teacher.",
+    )
+    p.add_argument(
+        '--teacher_steps', type=int, default=0, help="Teacher steps here (0: its config's)."
+    )
+    p.add_argument('--steps', type=int, default=0, help="Student steps (0: the config's).")
+    p.add_argument('--runs', default='', help='Comma-separated runs (default: DEFAULT_RUNS).')
+    p.add_argument('--scale', type=int, default=2, help='SR scale.')
+    p.add_argument('--seed', type=int, default=0, help='Seed of every run (weights, batches).')
+    p.add_argument(
+        '--datasets',
+        default='../shared/data/sr_benchmarks/Set5,../shared/data/sr_benchmarks/Set14',
+        help='Comma-separated benchmark folders (<set>/HR/*.png).',
+    )
+    p.add_argument('--out', default='', help='Also write the markdown table here.')
+    args = p.parse_args(argv)
+    args.runs = [r for r in args.runs.split(',') if r]
+    args.datasets = [d for d in args.datasets.split(',') if d]
+    return args
+
 
 # Run name -> loss weights. 'scratch' is the same student with the pixel loss alone.
 # The feature-loss weights bring each term to about the size of the pixel loss (pixels in [0, 1];
@@ -95,14 +104,13 @@ def run_config(name, teacher_dir, steps, scale):
         config.distill.losses[loss] = float(weight)
     config.distill.update(RUN_SETTINGS.get(name, {}))
     config.teacher.checkpoint = teacher_dir
-    config.seed = _SEED.value
+    config.seed = ARGS.seed
     if steps:
         config.total_steps = steps
     return config
 
 
-def main(argv):
-    del argv
+def main():
     import tensorflow as tf
 
     tf.config.set_visible_devices([], 'GPU')
@@ -114,30 +122,30 @@ def main(argv):
     from sr_purify.jobs import teacher as teacher_job
 
     t_start = time.time()
-    workdir = _WORKDIR.value
+    workdir = ARGS.workdir
     os.makedirs(workdir, exist_ok=True)
-    for spec in _DATASETS.value:
+    for spec in ARGS.datasets:
         sr_data.list_image_files(spec)  # A wrong path fails now, not after the training.
-    names = _RUNS.value or list(DEFAULT_RUNS)
+    names = ARGS.runs or list(DEFAULT_RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
-        raise app.UsageError(f'unknown run(s) {unknown}; valid: {", ".join(RUNS)}')
+        raise SystemExit(f'unknown run(s) {unknown}; valid: {", ".join(RUNS)}')
 
     bench_json = os.path.join(workdir, 'bench.json')
     record = json.load(open(bench_json)) if os.path.exists(bench_json) else {}
-    teacher_dir = _TEACHER.value
+    teacher_dir = ARGS.teacher
     if not teacher_dir:
         teacher_dir = os.path.join(workdir, 'teacher')
-        teacher = run_config('scratch', '', _STEPS.value, _SCALE.value).teacher
-        if _TEACHER_STEPS.value:
-            teacher.total_steps = _TEACHER_STEPS.value
+        teacher = run_config('scratch', '', ARGS.steps, ARGS.scale).teacher
+        if ARGS.teacher_steps:
+            teacher.total_steps = ARGS.teacher_steps
         if teacher_job.train_and_evaluate(teacher, teacher_dir).preempted:
             print('stopped by signal while training the teacher; run the same command to resume')
             return
 
     runs = {}
     for name in names:
-        config = run_config(name, teacher_dir, _STEPS.value, _SCALE.value)
+        config = run_config(name, teacher_dir, ARGS.steps, ARGS.scale)
         logging.info('run %s: losses %s, %d steps', name, RUNS[name], config.total_steps)
         run = student_job.distill(config, os.path.join(workdir, name))
         if run.result.preempted:
@@ -161,30 +169,30 @@ def main(argv):
     steps = first.result.step
     summary = sr_eval.compare(
         models,
-        _DATASETS.value,
-        _SCALE.value,
+        ARGS.datasets,
+        ARGS.scale,
         workdir,
         title=f'distillation benchmark, {steps} student steps',
         table_name='compare_table.md',
     )
     # Latency also at the size of the FLOPs column (a 1280x720 output): at 128^2 the small
     # student is bound by per-op overhead, so the two sizes give different speedups.
-    lr_720p = (720 // _SCALE.value, 1280 // _SCALE.value)
+    lr_720p = (720 // ARGS.scale, 1280 // ARGS.scale)
     ms_720p = {
         name: sr_eval.latency_ms(jax.jit(lambda x, f=f, p=p: f(p, x)), lr_720p)
         for name, f, p in models
     }
-    table = bench_table(summary, names, _SCALE.value, record, ms_720p)
+    table = bench_table(summary, names, ARGS.scale, record, ms_720p)
     elapsed = time.time() - t_start
     text = (
-        f'# Distillation benchmark (x{_SCALE.value}, {steps} student steps per run, '
+        f'# Distillation benchmark (x{ARGS.scale}, {steps} student steps per run, '
         f'teacher {os.path.abspath(teacher_dir)} step {first.teacher_step}; '
         f'{jax.devices()[0].platform}, {elapsed / 60:.1f} min)\n\n{table}\n'
     )
     print('\n' + text, flush=True)
     reporting.write_text(workdir, 'distill_bench.md', text)
-    if _OUT.value:
-        with open(_OUT.value, 'w') as f:
+    if ARGS.out:
+        with open(ARGS.out, 'w') as f:
             f.write(text)
 
 
@@ -258,4 +266,6 @@ if __name__ == '__main__':
     from sr_purify import perf
 
     perf.apply_cpu_defaults()  # As launch.py does: the jobs here run the same way.
-    app.run(main)
+    logging.basicConfig(level=logging.INFO)
+    ARGS = parse_args()
+    main()
