@@ -177,7 +177,7 @@ def load(
     kind = job_kind(config)
     if config is not None and not kind:
         raise ValueError(
-            f"{path!r} is the workdir of a {job or 'unnamed'!r} job, which trains no model; pass "
+            f'{path!r} is the workdir of a {job or "unnamed"!r} job, which trains no model; pass '
             f'{flag}=<the workdir of a finished teacher, student, classifier or purifier job>'
         )
     if kind == '':  # No config.json: the caller's architecture decides.
