@@ -6,11 +6,21 @@ The same command runs on one CPU, a GPU host or every worker of a TPU VM slice
 (`gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python launch.py ..."`). The job is
 `config.trainer`; its `train_and_evaluate(config, workdir)` does the work and resumes from
 <workdir>/checkpoints when they exist.
+
+Errors: a user's mistake (an unknown config key or name, a missing path, a bad scale, a batch
+not divisible by the devices, an unwritable workdir, no images, all checkpoints damaged, ...) is
+one line `error: ...` on stderr and exit status 2. Such errors are the ValueError,
+FileNotFoundError, PermissionError, KeyError and AttributeError that this repository's own code
+raises (the raise is in sr_purify/, configs/ or launch.py), plus an unknown `--config.` key.
+Anything else, and those types when raised inside JAX, Flax, orbax or any other library, is a
+bug or an environment problem: its full traceback goes to stderr and to <workdir>/error.log
+(error.process_<i>.log on process i > 0) when the workdir exists, and the exit status is 1.
 """
 
 import logging as py_logging
 import os
 import sys
+import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's C++ INFO lines are noise here.
 
@@ -98,6 +108,9 @@ def missing_checkpoint(config, where: str = 'config') -> str:
     return ''
 
 
+_RUN = {'workdir': None}  # Set by main, read by handle_error to place error.log.
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -143,6 +156,7 @@ def main(argv):
 
     train_and_evaluate = jobs.get(config.trainer)
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
+    _RUN['workdir'] = workdir
     logging.info(
         'process %d of %d; %d local / %d global devices (%s)',
         jax.process_index(),
@@ -191,22 +205,68 @@ def unknown_override(argv) -> str:
     return ''
 
 
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, KeyError, AttributeError)
+_REPO = os.path.dirname(os.path.abspath(__file__))
+_OWN_CODE = (os.path.join(_REPO, 'sr_purify') + os.sep, os.path.join(_REPO, 'configs') + os.sep)
+
+
+def _raised_by_own_code(e: BaseException) -> bool:
+    """Whether the innermost frame of `e`'s traceback, where it was raised, is this repository's
+    sr_purify/, configs/ or launch.py. Those raises are the deliberate, user-facing ones; the
+    same types from inside a library are bugs whose traceback is the only clue."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return False
+    filename = os.path.abspath(frames[-1].filename)
+    return filename.startswith(_OWN_CODE) or filename == os.path.abspath(__file__)
+
+
+def _process_index() -> int:
+    jax = sys.modules.get('jax')
+    try:
+        return jax.process_index() if jax is not None else 0
+    except Exception:  # The backend itself may be what failed.
+        return 0
+
+
+def handle_error(e: BaseException, workdir: str = '') -> int:
+    """Reports an exception that ended the job; returns the exit status (see the docstring)."""
+    py_logging.getLogger().handlers.clear()  # No absl log lines after the error.
+    if isinstance(e, (AttributeError, KeyError)):
+        message = unknown_override(sys.argv)  # ml_collections raises these for a mistyped key.
+        if message:
+            print(f'error: {message}', file=sys.stderr)
+            return 2
+    if isinstance(e, _USER_ERRORS) and _raised_by_own_code(e):
+        message = str(e).strip('"\'')  # A KeyError's str() is the quoted key.
+        print(f'error: {message}', file=sys.stderr)
+        return 2
+    text = ''.join(traceback.format_exception(e))
+    print(text, file=sys.stderr, end='')
+    workdir = workdir or _RUN['workdir']
+    if workdir and os.path.isdir(workdir):
+        index = _process_index()
+        name = 'error.log' if index == 0 else f'error.process_{index}.log'
+        path = os.path.join(workdir, name)
+        try:
+            with open(path, 'w') as f:
+                f.write(text)
+            print(f'(this traceback is also in {path})', file=sys.stderr)
+        except OSError:  # An unwritable workdir must not hide the error itself.
+            pass
+    return 1
+
+
 def run():
     # CPU-only and no XLA_FLAGS of the user's: the measured allocator and host-device settings
     # (sr_purify/perf.py; about 1.6x faster SR training on 2 cores). May restart the process once.
     from sr_purify import perf
 
     perf.apply_cpu_defaults()
-    # One-line errors for the mistakes a user makes at the command line.
     try:
         app.run(main)
-    except (ValueError, FileNotFoundError, PermissionError, KeyError, AttributeError) as e:
-        py_logging.getLogger().handlers.clear()
-        message = (
-            unknown_override(sys.argv) if isinstance(e, (AttributeError, KeyError)) else ''
-        ) or str(e).strip('"\'')
-        print(f'error: {message}', file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        sys.exit(handle_error(e))
 
 
 if __name__ == '__main__':

@@ -37,6 +37,9 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0: evaluate only at the end.
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    # When checkpoints exist but every one is damaged, the job stops naming them; True moves them
+    # to <step>.damaged and trains from step 0 instead (a deliberate choice, never a silent one).
+    c.restart_from_scratch = False
     c.optim = ml_collections.ConfigDict(
         dict(
             name='adam',

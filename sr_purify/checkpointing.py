@@ -2,11 +2,14 @@
 
 Orbax does not checksum array data (flipped bytes restore silently), so every step stores a
 SHA-256 digest of the state beside it as a JSON item; restore recomputes it and, on a mismatch or
-any read error, falls back to the previous step. Saves are asynchronous and atomic (a crash
-mid-save leaves a tmp folder that orbax ignores).
+a missing or unreadable file (`is_damage`), falls back to the previous step. Any other error
+(permissions, memory, a version mismatch) is raised as it is: retrying an older step would hide
+it, and renaming good checkpoints aside would lose them. Saves are asynchronous and atomic (a
+crash mid-save leaves a tmp folder that orbax ignores).
 """
 
 import hashlib
+import json
 import logging
 import os
 from typing import Any, Optional, Tuple
@@ -21,6 +24,44 @@ from sr_purify import sharding
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's arrays do not fit the state the config builds."""
+
+
+class NoValidCheckpointError(ValueError):
+    """Checkpoints exist but every one is damaged; `steps` names them."""
+
+    def __init__(self, message: str, steps=()):
+        super().__init__(message)
+        self.steps = list(steps)
+
+
+# How tensorstore (under orbax) reports a file that is missing, truncated or garbled: a
+# ValueError starting with one of these status codes, or, for bytes that fail to decode, with no
+# code but these words. Found by deleting, truncating and flipping bytes in saved steps.
+_DAMAGE_CODES = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE', 'FAILED_PRECONDITION')
+_DAMAGE_WORDS = ('Error decoding', 'Data corruption')
+
+
+def is_damage(error: BaseException) -> bool:
+    """True when `error` says a step's files are missing or damaged, not that reading failed.
+
+    Damage: a missing file (FileNotFoundError; a missing item folder is orbax's KeyError 'was not
+    found in the checkpoint'), metadata that is not JSON (json.JSONDecodeError) and tensorstore's
+    errors for missing, truncated or corrupt array files. Orbax wraps the tensorstore error of
+    an array read in a plain Exception, so the explicit causes (`raise ... from`) are searched
+    too; implicit contexts are not, since an error raised while handling another is its own.
+    """
+    while error is not None:
+        message = str(error)
+        if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+            return True
+        if isinstance(error, KeyError) and 'was not found in the checkpoint' in message:
+            return True
+        if isinstance(error, ValueError) and (
+            message.startswith(_DAMAGE_CODES) or any(w in message for w in _DAMAGE_WORDS)
+        ):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _path_str(path) -> str:
@@ -124,12 +165,15 @@ class Checkpointer:
     def restore(
         self, abstract_state: Any = None, step: Optional[int] = None, quarantine: bool = False
     ) -> Tuple[Any, Optional[int]]:
-        """Newest step (or `step`) whose digest verifies; (None, None) when there is none.
+        """Newest step (or `step`) that reads and whose digest verifies; (None, None) if none.
 
         With `abstract_state` None the state comes back as saved (nested dicts of arrays), which
         is how a job restores only the parameters of another job's training state. A damaged step
-        is logged and skipped (and, with `quarantine`, moved aside); an architecture mismatch is
-        raised at once, since an older step of the same run would not fit either.
+        (`is_damage` or a failed digest) is logged and skipped; with `quarantine` it is moved to
+        `<step>.damaged` once an older step has restored. When steps exist and every one is
+        damaged, NoValidCheckpointError names them, and nothing is moved: the caller decides.
+        Any other error is raised at once with its traceback and nothing is moved; so is an
+        architecture mismatch, since an older step of the same run would not fit either.
         """
         candidates = [step] if step is not None else self.steps()
         damaged = []
@@ -144,10 +188,10 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(target), digest=ocp.args.JsonRestore()
                     ),
                 )
-                state, saved_digest = restored['state'], restored['digest']['sha256']
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # Orbax raises many types for damaged files.
+            except Exception as e:
+                if not is_damage(e):
+                    e.add_note(f'while restoring checkpoint step {s} from {self.directory}')
+                    raise
                 logging.warning(
                     'checkpoint step %d in %s is unreadable (%s: %s); trying an older one',
                     s,
@@ -157,7 +201,9 @@ class Checkpointer:
                 )
                 damaged.append(s)
                 continue
-            if digest(state) != saved_digest:
+            state, saved = restored['state'], restored['digest']
+            saved_digest = saved.get('sha256') if isinstance(saved, dict) else None
+            if saved_digest is None or digest(state) != saved_digest:
                 logging.warning(
                     'checkpoint step %d in %s fails its digest check; trying an older one',
                     s,
@@ -168,10 +214,12 @@ class Checkpointer:
             if quarantine:
                 self.quarantine(damaged)
             return state, s
-        if quarantine:
-            self.quarantine(damaged)
-        if candidates:
-            logging.warning('no valid checkpoint among steps %s in %s', candidates, self.directory)
+        if damaged:
+            raise NoValidCheckpointError(
+                f'no checkpoint in {self.directory} restores: step(s) '
+                f'{", ".join(map(str, damaged))} are damaged (see the warnings above)',
+                damaged,
+            )
         return None, None
 
     def _as_saved(self, step: int) -> Any:
@@ -229,14 +277,16 @@ def has_checkpoints(directory: str) -> bool:
 
 
 def restore_newest(directory: str, what: str = 'model') -> Tuple[Any, int]:
-    """(state, step) of the newest valid checkpoint in a checkpoints folder (damaged skipped)."""
+    """(state, step) of the newest valid checkpoint in a checkpoints folder (damaged skipped).
+
+    NoValidCheckpointError when every step is damaged, FileNotFoundError when there is none."""
     ckpt = Checkpointer(directory, asynchronous=False)
     try:
         state, step = ckpt.restore(None)
     finally:
         ckpt.close()
     if state is None:
-        raise FileNotFoundError(f'no valid {what} checkpoint in {directory!r} (all damaged)')
+        raise FileNotFoundError(f'no {what} checkpoint in {directory!r}')
     return state, step
 
 

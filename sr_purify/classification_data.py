@@ -277,6 +277,27 @@ def subset(split: Split, count: int, seed: int) -> Split:
 # Batches.
 
 
+# What each random number of an example is for; every purpose has a stream of its own.
+PERMUTE, CROP, FLIP = 0, 1, 2
+PURPOSES = (PERMUTE, CROP, FLIP)
+
+
+def stream_seed(seed: int, purpose: int, index):
+    """The stateless seed pair of (run seed, purpose, index): [seed * 3 + purpose, index].
+
+    The index is the epoch for PERMUTE and the example for CROP and FLIP. The first word takes one
+    value per (seed, purpose) and never another pair's (integer division by 3 gives both back),
+    so two streams share a pair only when seed, purpose and index all match; TF mixes the pair
+    through Philox, so distinct pairs give unrelated numbers. (The former [seed, e] and
+    [seed, i] made epoch e's permutation share the crop seed of example e, and [seed + 1, i + 1]
+    made example i's flip at seed 0 example i + 1's crop at seed 1.)
+    """
+    import tensorflow as tf
+
+    first = tf.constant(seed * len(PURPOSES) + purpose, tf.int64)
+    return tf.stack([first, tf.cast(index, tf.int64)])
+
+
 def _check_split_of_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ValueError(
@@ -313,23 +334,21 @@ def train_batches(
     h, w = split.images.shape[1:3]
     bank = tf.constant(split.images)
     labels = tf.constant(split.labels)
-    seed64 = tf.constant(seed, tf.int64)
 
     def epoch(e):
         # Epoch e visits the images in a permutation seeded by (seed, e).
         perm = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, e])
+            tf.range(n, dtype=tf.int64), seed=stream_seed(seed, PERMUTE, e)
         )
         return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), perm))
 
     def example(i, index):
-        ex_seed = tf.stack([seed64, i])
         image = bank[index]
         if pad:
             image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-            image = tf.image.stateless_random_crop(image, [h, w, 3], ex_seed)
+            image = tf.image.stateless_random_crop(image, [h, w, 3], stream_seed(seed, CROP, i))
         if flip:
-            image = tf.image.stateless_random_flip_left_right(image, ex_seed + 1)
+            image = tf.image.stateless_random_flip_left_right(image, stream_seed(seed, FLIP, i))
         return {'image': tf.cast(image, tf.float32) / 255.0, 'label': labels[index]}
 
     first = start_step * global_batch

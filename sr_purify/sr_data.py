@@ -130,6 +130,23 @@ def eval_images(spec: str, skip_bad: bool = False) -> Tuple[str, List[Image]]:
 # ---------------------------------------------------------------------------------------------
 # Training examples (in the tf.data graph).
 
+# What each random number of an example is for; every purpose has a stream of its own.
+CHOOSE, CROP, AUGMENT = 0, 1, 2
+PURPOSES = (CHOOSE, CROP, AUGMENT)
+
+
+def stream_seed(seed: int, purpose: int, index) -> tf.Tensor:
+    """The stateless seed pair of (run seed, purpose, example index): [seed * 3 + purpose, index].
+
+    The first word takes one value per (seed, purpose) and never another pair's (integer division
+    by 3 gives both back), so two streams share a pair only when seed, purpose and index all
+    match; TF mixes the pair through Philox, so distinct pairs give unrelated numbers. (Adding 1
+    or 2 to both words of [seed, i] made example i's crop at seed 0 example i + 1's image
+    choice at seed 1.)
+    """
+    first = tf.constant(seed * len(PURPOSES) + purpose, tf.int64)
+    return tf.stack([first, tf.cast(index, tf.int64)])
+
 
 def _augment(hr: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Random horizontal flip and 0-3 quarter turns (the 8 dihedral transforms)."""
@@ -162,11 +179,14 @@ class _ImageBank:
         self.buffer = tf.constant(np.concatenate(flats))
         self.count = len(images)
 
-    def crop(self, index: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-        k = tf.random.stateless_uniform([], seed, 0, self.count, dtype=tf.int64)
+    def crop(self, index: tf.Tensor, seed: int, size: int) -> tf.Tensor:
+        """A random `size` crop of a random image: example `index` of the run seeded `seed`."""
+        choose = stream_seed(seed, CHOOSE, index)
+        k = tf.random.stateless_uniform([], choose, 0, self.count, dtype=tf.int64)
         h, w = self.shapes[k][0], self.shapes[k][1]
         image = tf.reshape(self.buffer[self.offsets[k] : self.offsets[k] + h * w * 3], [h, w, 3])
-        top_left = tf.random.stateless_uniform([2], seed + 1, 0, 2**31 - 1, dtype=tf.int64)
+        corner = stream_seed(seed, CROP, index)
+        top_left = tf.random.stateless_uniform([2], corner, 0, 2**31 - 1, dtype=tf.int64)
         y, x = top_left[0] % (h - size + 1), top_left[1] % (w - size + 1)
         return image[y : y + size, x : x + size]
 
@@ -195,9 +215,8 @@ def sr_train_batches(
         bank = _ImageBank(load_images(data, 'train'), hr_patch)
 
         def example(i):
-            example_seed = tf.stack([tf.constant(seed, tf.int64), i])
-            hr = bank.crop(i, example_seed, hr_patch)
-            return _augment(hr, example_seed + 2)
+            hr = bank.crop(i, seed, hr_patch)
+            return _augment(hr, stream_seed(seed, AUGMENT, i))
 
         # Global example index i = step * global_batch + j; this process takes its slice of j.
         first = start_step * global_batch + process_index * local
@@ -236,12 +255,13 @@ def _tfds_hr_patches(data, hr_patch, seed, start_step, process_index, process_co
     if data.get('cache', False):
         ds = ds.cache()
     ds = ds.repeat().shuffle(data.get('shuffle_buffer', 64), seed=seed + start_step)
-    crops_seed = tf.constant([seed, start_step], tf.int64)
 
-    def crop(i, hr):
-        example_seed = crops_seed + tf.stack([tf.constant(0, tf.int64), i])
-        hr = tf.image.stateless_random_crop(hr, [hr_patch, hr_patch, 3], example_seed)
-        return _augment(hr, example_seed + 2)
+    def crop(i, hr):  # Streamed examples have no global index: number them from start_step.
+        index = start_step + i
+        hr = tf.image.stateless_random_crop(
+            hr, [hr_patch, hr_patch, 3], stream_seed(seed, CROP, index)
+        )
+        return _augment(hr, stream_seed(seed, AUGMENT, index))
 
     return ds.enumerate().map(crop, num_parallel_calls=tf.data.AUTOTUNE)
 

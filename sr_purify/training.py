@@ -10,7 +10,8 @@ classifier and the purifier:
   sharded on 'data', the state donated; per-step randomness is `fold_in(rng, step)`, so a resumed
   run repeats exactly;
 * resume from the newest valid checkpoint; save every `checkpoint_every` steps and at the end;
-  SIGTERM/SIGINT finish the current step, save and return;
+  SIGTERM/SIGINT finish the current step, save and return; when checkpoints exist and all are
+  damaged the run stops naming them (`restart_from_scratch=True` trains from step 0 instead);
 * a non-finite loss stops the run, names the step and leaves the last good checkpoint.
 """
 
@@ -221,6 +222,51 @@ class _StopSignal:
 
 
 # ---------------------------------------------------------------------------------------------
+# Config checks and resuming.
+
+
+def _intervals(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+    return (
+        config.get('log_every', 50),
+        config.get('eval_every', 0),
+        config.get('checkpoint_every', 1000),
+    )
+
+
+def check_intervals(config: ml_collections.ConfigDict) -> None:
+    """A one-line ValueError for an interval the loop would divide by zero (or never reach)."""
+    log_every, eval_every, ckpt_every = _intervals(config)
+    for name, value, lowest, valid in (
+        ('log_every', log_every, 1, 'an integer >= 1'),
+        ('checkpoint_every', ckpt_every, 1, 'an integer >= 1'),
+        ('eval_every', eval_every, 0, 'an integer >= 1, or 0 to evaluate only at the end'),
+    ):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lowest:
+            raise ValueError(f'config.{name}={value!r} is not valid; it must be {valid}')
+
+
+def _resume(ckpt: checkpointing.Checkpointer, abstract: Any, config: ml_collections.ConfigDict):
+    """(state, step) of the newest valid checkpoint, or (None, None) to start at step 0.
+
+    Damaged steps are moved aside once an older one restores. When every step is damaged the run
+    stops: training from step 0 on its own would silently throw the run away, so it happens only
+    with `config.restart_from_scratch`.
+    """
+    try:
+        return ckpt.restore(abstract, quarantine=True)
+    except checkpointing.NoValidCheckpointError as e:
+        if not config.get('restart_from_scratch', False):
+            raise checkpointing.NoValidCheckpointError(
+                f'{e}; to train from step 0 instead pass --config.restart_from_scratch=True '
+                f'(the damaged steps are then moved to <step>.damaged)',
+                e.steps,
+            ) from None
+        logging.warning('%s; restart_from_scratch=True: training from step 0', e)
+        ckpt.quarantine(e.steps)  # Frees those step numbers for the new run's saves.
+        return None, None
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -244,6 +290,7 @@ def fit(
     nor the checkpoints.
     """
     t_start = time.time()
+    check_intervals(config)
     reporting.check_workdir(workdir)
     writer = writer or reporting.create_writer(workdir)
     mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
@@ -258,9 +305,7 @@ def fit(
         checkpoint_dir or os.path.join(workdir, 'checkpoints'),
         max_to_keep=config.get('keep_checkpoints', 3),
     )
-    restored, restored_step = ckpt.restore(
-        abstract_with_sharding(state, state_sharding), quarantine=True
-    )
+    restored, restored_step = _resume(ckpt, abstract_with_sharding(state, state_sharding), config)
     if restored is not None:
         state = restored
         logging.info('resumed from checkpoint step %d', restored_step)
@@ -282,12 +327,10 @@ def fit(
     step_fn = compile_step(
         make_train_step(loss_fn, tx, schedule), mesh, state_sharding, len(frozen_args)
     )
+    log_every, eval_every, ckpt_every = _intervals(config)
     progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.get('log_every', 50)
+        num_train_steps=total_steps, writer=writer, every_steps=log_every
     )
-    log_every = config.get('log_every', 50)
-    eval_every = config.get('eval_every', 0)
-    ckpt_every = config.get('checkpoint_every', 1000)
     last_saved = restored_step
     preempted = False
     steps_done, t_loop = 0, None

@@ -1,0 +1,286 @@
+"""Faults: damaged checkpoints against other restore errors, errors that keep their traceback,
+independent random streams and invalid intervals."""
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO, RecordingWriter, tiny_sr_config
+
+from sr_purify import checkpointing, classification_data, sr_data, training
+
+
+def _config(total_steps=3, **fields):
+    cfg = tiny_sr_config()
+    cfg.total_steps = total_steps
+    cfg.checkpoint_every = 1
+    cfg.update(fields)
+    return cfg
+
+
+def _fit(cfg, workdir):
+    """A few steps of a 256-parameter model: real checkpoints in seconds, no SR model."""
+
+    def batches(start_step):
+        for _ in range(start_step, cfg.total_steps):
+            yield {'x': np.ones((8, 1), np.float32)}
+
+    def loss_fn(params, model_state, batch, rng):
+        return jnp.mean(params['w'] * batch['x']) ** 2, (model_state, {})
+
+    writer = RecordingWriter()
+    result = training.fit(
+        cfg,
+        str(workdir),
+        init_variables=lambda rng: ({'w': jnp.linspace(0.0, 1.0, 256)}, {}),
+        loss_fn=loss_fn,
+        batches=batches,
+        writer=writer,
+    )
+    return result, sorted(writer.losses())
+
+
+def _entries(workdir):
+    return sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
+def _wrong_digest(step_dir):
+    with open(os.path.join(step_dir, 'digest', 'metadata'), 'w') as f:
+        json.dump({'sha256': '0' * 64}, f)
+
+
+def _array_files(step_dir):
+    files = glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+    assert files
+    return files
+
+
+def _delete_arrays(step_dir):
+    for f in _array_files(step_dir):
+        os.remove(f)
+
+
+def _truncate_arrays(step_dir):
+    for f in _array_files(step_dir):
+        raw = open(f, 'rb').read()
+        open(f, 'wb').write(raw[: len(raw) // 2])
+
+
+def _garble_arrays(step_dir):
+    for f in _array_files(step_dir):
+        raw = bytearray(open(f, 'rb').read())
+        for i in range(len(raw) // 2, min(len(raw), len(raw) // 2 + 64)):
+            raw[i] ^= 0xFF
+        open(f, 'wb').write(bytes(raw))
+
+
+def _garble_metadata(step_dir):
+    with open(os.path.join(step_dir, 'state', '_METADATA'), 'w') as f:
+        f.write('{not json')
+
+
+@pytest.mark.parametrize(
+    'damage', [_wrong_digest, _delete_arrays, _truncate_arrays, _garble_arrays, _garble_metadata]
+)
+def test_a_damaged_newest_step_falls_back_and_is_moved_aside(tmp_path, damage):
+    _fit(_config(3), tmp_path)
+    damage(str(tmp_path / 'checkpoints' / '3'))
+    result, trained = _fit(_config(4), tmp_path)
+    assert trained == [3, 4] and result.step == 4  # Resumed from step 2.
+    assert (tmp_path / 'checkpoints' / '3.damaged').is_dir()
+    assert '3.damaged' in _entries(tmp_path) and '4' in _entries(tmp_path)
+
+
+@pytest.mark.parametrize(
+    'error',
+    [
+        PermissionError(13, 'Permission denied'),
+        MemoryError('out of memory'),
+        TypeError('unexpected keyword argument (another orbax version)'),
+        ValueError('PERMISSION_DENIED: Error reading local file "x"'),
+    ],
+)
+def test_any_other_restore_error_is_raised_and_renames_nothing(tmp_path, monkeypatch, error):
+    _fit(_config(3), tmp_path)
+    before = _entries(tmp_path)
+
+    def fail(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, 'restore', fail)
+    with pytest.raises(type(error)) as info:
+        _fit(_config(4), tmp_path)
+    assert info.value is error  # The original exception, traceback and all.
+    assert any('while restoring checkpoint step 3' in n for n in error.__notes__)
+    assert _entries(tmp_path) == before == ['1', '2', '3']
+
+
+def test_all_steps_damaged_stops_naming_them_and_moves_nothing(tmp_path):
+    _fit(_config(3), tmp_path)
+    for step in (1, 2, 3):
+        _wrong_digest(str(tmp_path / 'checkpoints' / str(step)))
+    with pytest.raises(checkpointing.NoValidCheckpointError) as info:
+        _fit(_config(4), tmp_path)
+    message = str(info.value)
+    assert 'step(s) 3, 2, 1 are damaged' in message
+    assert str(tmp_path / 'checkpoints') in message
+    assert '--config.restart_from_scratch=True' in message
+    assert _entries(tmp_path) == ['1', '2', '3']  # A rerun stops again; nothing was lost.
+    # The restore path of other jobs (a teacher, a classifier) names them too.
+    with pytest.raises(checkpointing.NoValidCheckpointError, match=r'step\(s\) 3, 2, 1'):
+        checkpointing.restore_newest(str(tmp_path / 'checkpoints'))
+
+
+def test_restart_from_scratch_trains_from_step_0_with_a_warning(tmp_path, caplog):
+    _fit(_config(3), tmp_path)
+    for step in (1, 2, 3):
+        _wrong_digest(str(tmp_path / 'checkpoints' / str(step)))
+    with caplog.at_level(logging.WARNING):
+        result, trained = _fit(_config(3, restart_from_scratch=True), tmp_path)
+    assert trained == [1, 2, 3] and result.step == 3
+    assert 'restart_from_scratch=True: training from step 0' in caplog.text
+    assert {'1.damaged', '2.damaged', '3.damaged'} <= set(_entries(tmp_path))
+
+
+@pytest.mark.parametrize(
+    'message, damage',
+    [
+        ('NOT_FOUND: Error opening "zarr" driver: ...', True),
+        ('DATA_LOSS: Error decoding manifest', True),
+        ('OUT_OF_RANGE: Requested byte range [0, 286) is not valid', True),
+        ('Error reading "p/.zarray": Error decoding b-tree node: ZSTD_decompressStream()', True),
+        ('PERMISSION_DENIED: Error reading local file', False),
+        ('RESOURCE_EXHAUSTED: out of memory', False),
+        ('some other problem', False),
+    ],
+)
+def test_tensorstore_errors_count_as_damage_only_for_missing_or_bad_bytes(message, damage):
+    assert checkpointing.is_damage(ValueError(message)) is damage
+    # Orbax wraps the tensorstore error of an array read in a plain Exception.
+    try:
+        try:
+            raise ValueError(message)
+        except ValueError as e:
+            raise Exception('Encountered error while reading array index') from e
+    except Exception as wrapped:
+        assert checkpointing.is_damage(wrapped) is damage
+    assert checkpointing.is_damage(FileNotFoundError('gone'))
+    assert checkpointing.is_damage(KeyError('Item "state" was not found in the checkpoint.'))
+    assert not checkpointing.is_damage(KeyError('params'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors at the command line.
+
+
+def test_launch_prints_one_line_for_a_user_mistake(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            'launch.py',
+            '--config=configs/teacher.py',
+            '--config.model.scale=5',
+            f'--workdir={tmp_path / "run"}',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert errors == ['error: scale 5 not supported; valid: 2, 3, 4']
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'run' / 'error.log').exists()
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    import launch
+
+    # handle_error clears the root logger's handlers; keep pytest's own ones.
+    monkeypatch.setattr(logging.getLogger(), 'handlers', list(logging.getLogger().handlers))
+    return launch
+
+
+def _raised(code: str, filename: str) -> BaseException:
+    try:
+        exec(compile(code, filename, 'exec'))
+    except Exception as e:
+        return e
+    raise AssertionError('nothing raised')
+
+
+def test_a_library_error_keeps_its_traceback_and_is_logged(launcher, tmp_path, capsys):
+    error = _raised('raise ValueError("deep inside a library")', '/usr/lib/fake_lib.py')
+    assert launcher.handle_error(error, str(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert 'Traceback (most recent call last)' in err
+    assert 'fake_lib.py' in err and 'ValueError: deep inside a library' in err
+    logged = (tmp_path / 'error.log').read_text()
+    assert 'fake_lib.py' in logged and 'ValueError: deep inside a library' in logged
+
+
+def test_a_library_error_without_a_workdir_is_still_printed(launcher, tmp_path, capsys):
+    error = _raised('raise KeyError("x")', '/usr/lib/fake_lib.py')
+    assert launcher.handle_error(error, str(tmp_path / 'missing')) == 1
+    assert 'Traceback' in capsys.readouterr().err
+    assert not (tmp_path / 'missing').exists()
+
+
+def test_errors_raised_by_the_repository_are_one_line(launcher, tmp_path, capsys):
+    with pytest.raises(ValueError) as info:
+        sr_data.check_scale(5)
+    assert launcher.handle_error(info.value, str(tmp_path)) == 2
+    assert capsys.readouterr().err == 'error: scale 5 not supported; valid: 2, 3, 4\n'
+    assert not (tmp_path / 'error.log').exists()
+    # Not a user-facing type, even from the repository: a bug, with its traceback.
+    error = _raised('raise ZeroDivisionError("bug")', os.path.join(REPO, 'sr_purify', 'x.py'))
+    assert launcher.handle_error(error, str(tmp_path)) == 1
+    assert 'Traceback' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Random streams and intervals.
+
+
+@pytest.mark.parametrize('module', [sr_data, classification_data])
+@pytest.mark.parametrize('seed', [0, 7])
+def test_random_streams_of_neighbouring_seeds_and_purposes_never_coincide(module, seed):
+    def pairs(s):
+        return {
+            tuple(int(v) for v in module.stream_seed(s, purpose, i).numpy())
+            for purpose in module.PURPOSES
+            for i in range(1000)
+        }
+
+    this, next_seed = pairs(seed), pairs(seed + 1)
+    assert len(this) == len(next_seed) == 3000  # Purposes of one seed never share a pair.
+    assert not this & next_seed
+
+
+@pytest.mark.parametrize(
+    'field, value, valid',
+    [
+        ('log_every', 0, 'an integer >= 1'),
+        ('log_every', -5, 'an integer >= 1'),
+        ('checkpoint_every', 0, 'an integer >= 1'),
+        ('checkpoint_every', -1, 'an integer >= 1'),
+        ('eval_every', -1, 'an integer >= 1, or 0 to evaluate only at the end'),
+    ],
+)
+def test_invalid_intervals_fail_before_training(tmp_path, field, value, valid):
+    cfg = _config(2, **{field: value})
+    with pytest.raises(ValueError) as info:
+        _fit(cfg, tmp_path)
+    assert str(info.value) == f'config.{field}={value} is not valid; it must be {valid}'
+    assert not (tmp_path / 'checkpoints').exists()
+    training.check_intervals(_config(2, eval_every=0))  # 0: evaluate only at the end.
