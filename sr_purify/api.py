@@ -74,8 +74,13 @@ def load_sr(path: str, runtime: str = 'auto', int8: bool = False, threads: int =
 
         with open(os.path.join(path, EXPORT_INFO)) as f:
             info = json.load(f)
-        file = os.path.join(path, info['files']['int8' if int8 else 'f32'])
-        model = export.LiteRTModel(file, num_threads=threads or os.cpu_count() or 1)
+        kind = 'int8' if int8 else 'f32'
+        file = os.path.join(path, info['files'][kind])
+        fixed = {
+            tuple(int(d) for d in size.split('x')): os.path.join(path, names[kind])
+            for size, names in info['files'].get('fixed', {}).items()
+        }
+        model = export.LiteRTByShape(file, fixed, num_threads=threads or os.cpu_count() or 1)
         return SuperResolver(int(info['scale']), model, 'litert', file, info.get('model'))
     if runtime == 'litert':
         raise ValueError(f'{path!r} is no export folder (no {EXPORT_INFO}); run configs/export.py')

@@ -15,7 +15,7 @@ from PIL import Image
 from configs import export as export_config
 from configs import student as student_config
 from configs import upscale as upscale_config
-from sr_purify import api, jobs, restore
+from sr_purify import api, export, jobs, restore
 
 
 @pytest.fixture(scope='module')
@@ -186,6 +186,11 @@ def test_export_job_writes_verified_litert_files(exported):
     for name in ('model_f32.tflite', 'model_int8.tflite', 'sr_model.json', 'saved_model'):
         assert (folder / name).exists(), name
     assert summary['report']['model_f32.tflite']['max_abs_diff'] <= 1 / 255
+    # The upscale job's tile window gets fixed-shape files of its own, checked the same way.
+    assert summary['report']['model_f32_240x240.tflite']['max_abs_diff'] <= 1 / 255
+    assert summary['files']['fixed'] == {
+        '240x240': {'f32': 'model_f32_240x240.tflite', 'int8': 'model_int8_240x240.tflite'}
+    }
     assert summary['scale'] == 2 and summary['model']['num_blocks'] == 1
 
 
@@ -201,3 +206,10 @@ def test_upscale_job_and_api_run_the_export_with_litert(student, exported, photo
     assert sr.runtime == 'litert' and sr.source.endswith('model_int8.tflite')
     gray = np.asarray(Image.open(photos / 'gray.png'))
     assert sr.upscale(gray).shape == (40, 62)
+    # A tile of the fixed size runs through its own file, and agrees with the dynamic one.
+    sr32 = api.load_sr(str(folder))
+    x = np.random.default_rng(0).random((1, 240, 240, 3), np.float32)
+    fixed = sr32.apply(x)
+    assert set(sr32.apply._models) == {(240, 240)}
+    dynamic = export.LiteRTModel(str(folder / 'model_f32.tflite'))(x)
+    assert np.abs(fixed - dynamic).max() <= 1 / 255

@@ -42,10 +42,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def apply_fn(params, x):
         return module.apply({'params': params}, x)
 
+    fixed_sizes = [tuple(int(d) for d in size) for size in config.get('fixed_sizes', ())]
     report = export.export_all(
-        apply_fn, model.params, workdir, verification_image(model.scale, config.verify_crop)
+        apply_fn,
+        model.params,
+        workdir,
+        verification_image(model.scale, config.verify_crop),
+        fixed_sizes=fixed_sizes,
     )
-    files = {'f32': 'model_f32.tflite', 'int8': 'model_int8.tflite'}
+    files = {'f32': 'model_f32.tflite', 'int8': 'model_int8.tflite', 'fixed': {}}
+    for h, w in fixed_sizes:
+        f32, int8 = export.fixed_files(h, w)
+        files['fixed'][f'{h}x{w}'] = {'f32': f32, 'int8': int8}
     info = {
         'scale': model.scale,
         'model': model.model_config.to_dict(),
@@ -66,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         set_name, images = sr_data.eval_images(config.eval_dataset)
         jitted = jax.jit(lambda x: apply_fn(model.params, x))
         runners = {'jax': jitted}
-        runners.update({k: export.LiteRTModel(os.path.join(workdir, f)) for k, f in files.items()})
+        for kind in ('f32', 'int8'):
+            runners[kind] = export.LiteRTModel(os.path.join(workdir, files[kind]))
         quality = {k: export.psnr_on_images(run, images, model.scale) for k, run in runners.items()}
         for row in rows:
             kind = 'f32' if row[0] == files['f32'] else 'int8' if row[0] == files['int8'] else ''
