@@ -46,6 +46,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from configs import common  # noqa: E402  (plain Python: no jax)
 
 # A CPU bench; set before jax is imported (the parent's exports and the workers alike).
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -56,27 +57,23 @@ MODELS = ('student', 'teacher')
 TORCH_VARIANTS = ('eager', 'channels_last', 'compile')
 # The default architectures (configs/student.py's student and teacher), for --random_init.
 DEFAULT_CONFIGS = {
-    'student': dict(
-        name='edsr',
-        scale=2,
-        num_blocks=4,
-        features=32,
-        res_scale=1.0,
-        bicubic_skip=True,
-        upsampler='edsr',
-    ),
-    'teacher': dict(
-        name='edsr',
-        scale=2,
-        num_blocks=16,
-        features=64,
-        res_scale=1.0,
-        bicubic_skip=True,
-        upsampler='edsr',
-    ),
+    'student': common.edsr(scale=2, num_blocks=4, features=32, bicubic_skip=True).to_dict(),
+    'teacher': common.edsr(scale=2, bicubic_skip=True).to_dict(),
 }
-VARIANTS = ('JAX jit', 'LiteRT f32', 'LiteRT int8', 'PyTorch')
+VARIANTS = (
+    'JAX jit',
+    'LiteRT f32',
+    'LiteRT int8',
+    'LiteRT f32 fixed',
+    'LiteRT int8 fixed',
+    'PyTorch',
+)
 FILES = {'LiteRT f32': 'model_f32.tflite', 'LiteRT int8': 'model_int8.tflite'}
+# The same, exported for one LR size each (export_all(fixed_sizes=...)): {h}, {w} filled in.
+FIXED = {
+    'LiteRT f32 fixed': 'model_f32_{h}x{w}.tflite',
+    'LiteRT int8 fixed': 'model_int8_{h}x{w}.tflite',
+}
 
 
 def parse_args(argv=None):
@@ -195,7 +192,8 @@ def export_models(args):
         folder = os.path.join(args.workdir, name)
         t = time.perf_counter()
         apply = lambda p, x, module=module: module.apply({'params': p}, x)
-        reports[name] = export.export_all(apply, params, folder, image)
+        fixed = [(h, w) for w, h in args.sizes]
+        reports[name] = export.export_all(apply, params, folder, image, fixed_sizes=fixed)
         print(f'  exported {name} to {folder} in {time.perf_counter() - t:.0f} s', flush=True)
         # The workers rebuild the module from its config, with these weights.
         params_path = os.path.join(folder, 'params.msgpack')
@@ -262,6 +260,9 @@ def table(args, specs, reports, results):
             if all(c == '-' for c in cells) and variant == 'PyTorch':
                 continue
             file = FILES.get(variant)
+            if variant in FIXED:  # One file per size: report the first size's.
+                w, h = args.sizes[0]
+                file = FIXED[variant].format(h=h, w=w)
             size = str(reports[name][file]['bytes']) if file else '-'
             if file:
                 diff = f'{reports[name][file]["max_abs_diff"]:.1e}'
@@ -466,9 +467,13 @@ def worker(spec_path):
             # One LiteRT interpreter per size: a shape change would reallocate inside the timing.
             cands = {'JAX jit': lambda x=x, f=jax_run: f(x)}
             cands.update({v: lambda x=x, r=litert(v): r(x) for v in FILES})
+            fixed = {v: os.path.join(m['folder'], f.format(h=h, w=w)) for v, f in FIXED.items()}
+            cands.update(
+                {v: lambda x=x, r=export.LiteRTModel(p, threads): r(x) for v, p in fixed.items()}
+            )
             cands.update({f'torch {v}': lambda x=x, f=f: f(x) for v, f in twins.items()})
             med = measure(cands, spec['repeats'])
-            for variant in ('JAX jit', *FILES):
+            for variant in ('JAX jit', *FILES, *FIXED):
                 result['ms'][f'{name}/{variant}/{w}x{h}'] = (med[variant], '')
             tvars = [k for k in med if k.startswith('torch ')]
             if tvars:

@@ -18,17 +18,10 @@ import numpy as np
 import pytest
 import skimage.data
 
+from configs import common
 from sr_purify import export, models
 
-TINY = dict(
-    name='edsr',
-    scale=2,
-    num_blocks=2,
-    features=8,
-    res_scale=1.0,
-    bicubic_skip=True,
-    upsampler='edsr',
-)
+TINY = common.edsr(scale=2, num_blocks=2, features=8, bicubic_skip=True).to_dict()
 
 
 def _photo(y=100, x=100, h=64, w=96):

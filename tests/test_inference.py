@@ -5,12 +5,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
+from configs import common
 from sr_purify import image_ops, inference, models
 
 
@@ -22,16 +22,7 @@ def net():
     on CPU costs ~10 s of small compilations, this ~0.3 s. Kernels are half LeCun-normal: the output
     is then bicubic plus ~8 levels of texture, ~10 % saturated (full LeCun saturates ~45 %).
     """
-    config = dict(
-        name='edsr',
-        scale=2,
-        num_blocks=2,
-        features=8,
-        res_scale=1.0,
-        bicubic_skip=True,
-        upsampler='edsr',
-    )
-    m = models.build(ml_collections.ConfigDict(config))
+    m = models.build(common.edsr(scale=2, num_blocks=2, features=8, bicubic_skip=True))
     shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
     rng = np.random.default_rng(0)
 
