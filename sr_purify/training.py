@@ -164,7 +164,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         )
         metrics = {
             'loss': loss,
-            'grad_norm': optax.global_norm(grads),
+            'grad_norm': optax.tree.norm(grads),
             'learning_rate': schedule(state.step),
             **extra,
         }

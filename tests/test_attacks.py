@@ -6,7 +6,6 @@ easy synthetic 4-class task, so attack strength can be compared meaningfully.
 
 import functools
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -348,17 +347,32 @@ def test_bpda_forward_is_forward_and_gradient_is_backward():
 
 
 def test_jitted_attack_does_not_retrace(trained):
+    """eps, step_size and the key are traced: new values reuse the one compiled program."""
     fn, params, x, y = trained
-    attack = attacks.make_attack(attacks.attack_config(name='apgd', steps=5))
+    traces = []
 
     @jax.jit
-    @chex.assert_max_traces(n=1)
-    def attack_batch(params, x, key, labels):
-        return attack(fn, params, x, key, labels)
+    def attack_batch(params, x, key, labels, eps, step_size):
+        traces.append(1)  # A Python side effect: runs once per trace, never per call.
+        return attacks.pgd(
+            fn, params, x, key, labels, eps=eps, steps=3, step_size=step_size, random_start=True
+        )
 
-    first = attack_batch(params, x, jax.random.key(0), y)
-    second = attack_batch(params, 1.0 - x, jax.random.key(1), (y + 1) % NUM_CLASSES)
-    assert first.shape == second.shape == x.shape
+    runs = [
+        (jax.random.key(0), 4 / 255, 1 / 255),
+        (jax.random.key(1), 4 / 255, 1 / 255),  # A new key.
+        (jax.random.key(1), 16 / 255, 1 / 255),  # A new eps.
+        (jax.random.key(1), 16 / 255, 8 / 255),  # A new step size.
+    ]
+    outs = [attack_batch(params, x, key, y, eps, step) for key, eps, step in runs]
+    assert len(traces) == 1
+    # Each call used its own values, not the first call's: the budget follows eps ...
+    for out, (_, eps, _) in zip(outs, runs):
+        assert float(jnp.max(jnp.abs(out - x))) <= eps + 1e-6
+    assert float(jnp.max(jnp.abs(outs[2] - x))) > 4 / 255 + 1e-3
+    # ... and a new key or a new step size moves the result.
+    assert not np.allclose(outs[0], outs[1])
+    assert not np.allclose(outs[2], outs[3])
 
 
 @pytest.mark.parametrize(

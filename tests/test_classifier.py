@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import RecordingWriter
 
-from sr_purify import attacks, models, restore
+from sr_purify import attacks, models, restore, training
 from sr_purify import classification_data as cdata
 from sr_purify.jobs import classifier as classifier_job
 
@@ -216,7 +216,7 @@ def test_two_step_resnet_run_writes_results_and_updates_batch_stats(image_folder
     result = classifier_job.train_and_evaluate(cfg, str(tmp_path / 'wd'), writer=writer)
     assert result.step == 2 and sorted(writer.losses()) == [1, 2]
     results = json.load(open(tmp_path / 'wd' / 'results.json'))['classifier']
-    assert results['eval_examples'] == 24 and 0.0 <= results['accuracy'] <= 1.0
+    assert results['eval_examples'] == 24
     assert results['params'] == models.parameter_count(result.state.params)
     assert (tmp_path / 'wd' / 'checkpoints' / '2').is_dir()
     # The checkpoint restores as model variables, with BatchNorm statistics that moved off init.
@@ -225,6 +225,12 @@ def test_two_step_resnet_run_writes_results_and_updates_batch_stats(image_folder
     assert step == 2 and set(variables) == {'params', 'batch_stats'}
     stem = variables['batch_stats']['stem_bn']
     assert not np.allclose(stem['mean'], 0.0) and not np.allclose(stem['var'], 1.0)
+    # The reported accuracy is the restored classifier's, in inference mode, on the 24 test images.
+    test = cdata.load_split(cfg.data, 'test')
+    images = jnp.asarray(test.images / 255.0, jnp.float32)
+    logits = models.build(cfg.model).apply(variables, images, train=False)
+    by_hand = float(np.mean(np.argmax(logits, -1) == test.labels))
+    assert abs(results['accuracy'] - by_hand) <= 1e-6
     # The parameters live on all 8 devices: the batch really was split.
     assert len(jax.tree.leaves(result.state.params)[0].sharding.device_set) == 8
 
@@ -316,12 +322,24 @@ def test_attack_evaluation_without_a_checkpoint_fails_at_once_naming_the_flag(tm
         evaluate_job.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
-def test_configs_build_and_reject_unknown_variants():
+def test_configs_build_and_reject_unknown_variants(image_folder, tmp_path):
     from configs import classifier, evaluate
 
     assert classifier.get_config().model.depth == 20
+    # `:full` trains and scores on every image, with a schedule that ends at total_steps.
     full = classifier.get_config('full')
-    assert full.total_steps == 64_000 and full.data.train_examples == 0
+    full.data.path, full.data.cache_dir, full.data.source = (
+        str(image_folder),
+        str(tmp_path / 'cache'),
+        'folder',
+    )
+    full.model.num_classes = 3
+    train, test = classifier_job.load_data(full)
+    assert (len(train), len(test)) == (72, 24)
+    lr = training.make_schedule(full.optim, full.total_steps)
+    warmup, total = full.optim.warmup_steps, full.total_steps
+    assert float(lr(warmup)) == pytest.approx(full.optim.lr)
+    assert float(lr(total - 100)) > 0.0 and float(lr(total)) == 0.0
     small = classifier.get_config('small_cnn')
     assert small.model.name == 'small_cnn' and small.seed != classifier.get_config().seed
     with pytest.raises(ValueError, match="unknown config variant 'huge'; valid: cpu, full"):

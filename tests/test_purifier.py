@@ -161,7 +161,17 @@ def test_each_kind_runs_forward_and_backward(kind):
     assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
     gx = jax.jit(jax.grad(lambda x_: jnp.sum(w * p.purify(params, x_))))(x)
     assert bool(jnp.all(jnp.isfinite(gx))) and float(jnp.abs(gx).sum()) > 0
-    assert p.random is False and p.differentiable == (kind != 'jpeg')
+    assert p.differentiable == (kind != 'jpeg')
+    # Input noise makes any kind random: it needs a key, and the key alone decides the output.
+    cfg.input_noise = 0.05
+    noisy = purifiers.build(cfg)
+    assert noisy.random is True
+    with pytest.raises(ValueError, match=f"purifier '{kind}' with input_noise=0.05 is random"):
+        noisy.purify(params, x)
+    purify = jax.jit(noisy.purify)
+    a, again, b = (purify(params, x, jax.random.key(k)) for k in (0, 0, 1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(again))
+    assert float(jnp.abs(a - b).max()) > 1e-3
     if kind in ('none', 'jpeg'):
         # Identity, and BPDA's identity backward for JPEG: the gradient is w itself.
         np.testing.assert_allclose(np.asarray(gx), np.asarray(w), rtol=0, atol=0)
