@@ -37,6 +37,8 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0: evaluate only at the end.
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    # Steps between the hosts' vote on a stop signal (every host stops at the same step).
+    c.stop_check_every = 1
     # When checkpoints exist but every one is damaged, the job stops naming them; True moves them
     # to <step>.damaged and trains from step 0 instead (a deliberate choice, never a silent one).
     c.restart_from_scratch = False

@@ -146,6 +146,57 @@ def test_two_processes_match_one_process_and_only_process_0_writes(tmp_path):
     assert _saved_steps(multi) == [3]
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_then_resumes(tmp_path):
+    port, workdir = _free_port(), str(tmp_path / 'multi')
+
+    def pair(total, port):
+        return [
+            _launch(
+                [
+                    f'--workdir={workdir}',
+                    f'--config.total_steps={total}',
+                    '--config.checkpoint_every=1000',
+                    '--config.optim.schedule=constant',  # The rate must not depend on the total.
+                    f'--coordinator_address=localhost:{port}',
+                    '--num_processes=2',
+                    f'--process_id={i}',
+                ],
+                devices=2,
+            )
+            for i in (0, 1)
+        ]
+
+    procs = pair(100000, port)
+    _wait_for_step(procs[1], 3)
+    procs[1].send_signal(signal.SIGTERM)  # Only process 1 hears it.
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    stopped = []
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        m = re.search(r'stopped by signal at step (\d+); checkpoint saved', out)
+        assert m, out[-3000:]
+        stopped.append(int(m.group(1)))
+    assert stopped[0] == stopped[1] and _saved_steps(workdir) == [stopped[0]]
+    # The rerun resumes from that step and logs what an uninterrupted run logs.
+    step = stopped[0] + 1
+    procs = pair(step, _free_port())
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert sorted(_losses(out)) == [step]
+    single = _launch(
+        [
+            f'--config.total_steps={step}',
+            '--config.optim.schedule=constant',
+            f'--workdir={tmp_path / "one"}',
+        ],
+        devices=4,
+    )
+    out_single = single.communicate(timeout=300)[0]
+    assert single.returncode == 0, out_single[-3000:]
+    np.testing.assert_allclose(_losses(outs[0])[step], _losses(out_single)[step], rtol=1e-6)
+
+
 def _train(cfg, workdir):
     result = teacher_job.train_and_evaluate(cfg, str(workdir), writer=RecordingWriter())
     return jax.tree.leaves(jax.tree.map(np.asarray, result.state.params))
