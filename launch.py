@@ -244,15 +244,16 @@ def handle_error(e: BaseException, workdir: str = '') -> int:
     text = ''.join(traceback.format_exception(e))
     print(text, file=sys.stderr, end='')
     workdir = workdir or _RUN['workdir']
-    if workdir and os.path.isdir(workdir):
+    if workdir:
+        from sr_purify import paths
+
         index = _process_index()
         name = 'error.log' if index == 0 else f'error.process_{index}.log'
-        path = os.path.join(workdir, name)
         try:
-            with open(path, 'w') as f:
-                f.write(text)
-            print(f'(this traceback is also in {path})', file=sys.stderr)
-        except OSError:  # An unwritable workdir must not hide the error itself.
+            if paths.path(workdir).is_dir():
+                (paths.path(workdir) / name).write_text(text)
+                print(f'(this traceback is also in {paths.join(workdir, name)})', file=sys.stderr)
+        except Exception:  # An unwritable workdir (or store) must not hide the error itself.
             pass
     return 1
 

@@ -11,15 +11,13 @@ crash mid-save leaves a tmp folder that orbax ignores).
 import hashlib
 import json
 import logging
-import os
 from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from sr_purify import sharding
+from sr_purify import paths, sharding
 
 
 class CheckpointMismatchError(ValueError):
@@ -119,35 +117,37 @@ def check_compatible(saved: Any, expected: Any, where: str) -> None:
 
 
 class Checkpointer:
-    """`CheckpointManager` in `directory`, keeping the last `max_to_keep` steps."""
+    """`CheckpointManager` in `directory` (a local folder or a gs:// URI), keeping the last
+    `max_to_keep` steps."""
 
     def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
-        self.directory = os.path.abspath(directory)
+        self._path = paths.path(directory)
+        self.directory = str(self._path)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        self.manager = ocp.CheckpointManager(self._path, options=self._options)
 
     def quarantine(self, steps) -> None:
-        """Renames damaged steps to `<step>.damaged` (kept for inspection, never loaded again),
-        so training can write those step numbers afresh."""
+        """Moves damaged steps to `<step>.damaged` (kept for inspection, never loaded again),
+        so training can write those step numbers afresh. On an object store the move is a copy,
+        then a delete."""
         if not steps:
             return
         self.manager.close()
         if jax.process_index() == 0:
             for s in steps:
-                src = os.path.join(self.directory, str(s))
-                dst = f'{src}.damaged'
-                n = 1
-                while os.path.exists(dst):
-                    dst, n = f'{src}.damaged{n}', n + 1
-                os.rename(src, dst)
+                src = self._path / str(s)
+                dst, n = self._path / f'{s}.damaged', 1
+                while dst.exists():
+                    dst, n = self._path / f'{s}.damaged{n}', n + 1
+                paths.move_aside(src, dst)
                 logging.warning('moved damaged checkpoint %s to %s', src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices('checkpoint quarantine')
-        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        self.manager = ocp.CheckpointManager(self._path, options=self._options)
 
     def save(self, step: int, state: Any, force: bool = True) -> None:
         self.manager.save(
@@ -248,9 +248,7 @@ class Checkpointer:
         until its first restore, and its `item_metadata` then returns None.
         """
         try:
-            meta = ocp.StandardCheckpointHandler().metadata(
-                epath.Path(self.directory) / str(step) / 'state'
-            )
+            meta = ocp.StandardCheckpointHandler().metadata(self._path / str(step) / 'state')
         except Exception:  # No metadata: let restore itself decide.
             return None
         return None if meta is None else getattr(meta, 'tree', meta)
@@ -267,13 +265,14 @@ class Checkpointer:
 
 def checkpoint_directory(path: str) -> str:
     """The absolute checkpoints folder of `path`: a job's workdir or its checkpoints/ itself."""
-    path = os.path.abspath(path)
-    inner = os.path.join(path, 'checkpoints')
-    return inner if os.path.isdir(inner) else path
+    folder = paths.path(path)
+    inner = folder / 'checkpoints'
+    return str(inner if inner.is_dir() else folder)
 
 
 def has_checkpoints(directory: str) -> bool:
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+    folder = paths.path(directory)
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def restore_newest(directory: str, what: str = 'model') -> Tuple[Any, int]:

@@ -1,17 +1,22 @@
 """What a job leaves in its workdir: clu metrics, image grids, config.json, results.json, tables.
 
-Only process 0 writes; the other processes get no-op writers.
+Only process 0 writes; the other processes get no-op writers. The workdir may be a local folder or
+an object store URI (gs://bucket/run): every file goes through `paths.path` (etils.epath).
 """
 
+import io
 import json
 import math
 import os
+import tempfile
 from typing import Any, List, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
+
+from sr_purify import paths
 
 
 def is_writer() -> bool:
@@ -20,34 +25,99 @@ def is_writer() -> bool:
 
 def check_workdir(workdir: str) -> None:
     """Fails before any training if the workdir cannot be created or written."""
+    # An object store raises its client's own errors (not OSError) for a missing bucket or
+    # credentials; each is still the user's workdir that cannot be written.
+    errors = Exception if paths.is_remote(workdir) else OSError
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f'.write_probe_{jax.process_index()}')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
+        root = paths.path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f'.write_probe_{jax.process_index()}'
+        probe.write_text('ok')
+        probe.unlink()
+    except errors as e:
+        reason = getattr(e, 'strerror', None) or str(e).splitlines()[0][:200] or type(e).__name__
         raise PermissionError(
-            f'workdir {workdir!r} is not writable ({e.strerror}); pass a writable --workdir'
+            f'workdir {workdir!r} is not writable ({reason}); pass a writable --workdir'
         ) from None
+
+
+class _MirroredSummaryWriter(metric_writers.MetricWriter):
+    """TensorBoard events written to a local folder and copied to `workdir` on every flush.
+
+    For object-store workdirs: TensorFlow's own GCS client (which the plain summary writer
+    uses) has a compiled-in endpoint and credentials of its own, so routing the event files
+    through epath keeps one path layer for every file (and lets an emulator test them)."""
+
+    def __init__(self, workdir: str):
+        self._local = tempfile.mkdtemp(prefix='sr_purify_events_')
+        self._inner = metric_writers.SummaryWriter(self._local)
+        self._remote = paths.path(workdir)
+
+    def _mirror(self) -> None:
+        for name in os.listdir(self._local):
+            paths.copy_tree(paths.path(os.path.join(self._local, name)), self._remote / name)
+
+    def write_summaries(self, step, values, metadata=None):
+        self._inner.write_summaries(step, values, metadata)
+
+    def write_scalars(self, step, scalars):
+        self._inner.write_scalars(step, scalars)
+
+    def write_images(self, step, images):
+        self._inner.write_images(step, images)
+
+    def write_videos(self, step, videos):
+        self._inner.write_videos(step, videos)
+
+    def write_audios(self, step, audios, *, sample_rate):
+        self._inner.write_audios(step, audios, sample_rate=sample_rate)
+
+    def write_texts(self, step, texts):
+        self._inner.write_texts(step, texts)
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        self._inner.write_histograms(step, arrays, num_buckets)
+
+    def write_hparams(self, hparams):
+        self._inner.write_hparams(hparams)
+
+    def flush(self):
+        self._inner.flush()
+        self._mirror()
+
+    def close(self):
+        self._inner.close()
+        self._mirror()
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard events + log lines on process 0, log lines only (no files) elsewhere."""
-    return metric_writers.create_default_writer(
-        workdir, just_logging=not is_writer(), asynchronous=True
+    if not is_writer() or not paths.is_remote(workdir):
+        return metric_writers.create_default_writer(
+            workdir, just_logging=not is_writer(), asynchronous=True
+        )
+    return metric_writers.AsyncMultiWriter(
+        [metric_writers.LoggingWriter(), _MirroredSummaryWriter(workdir)]
     )
 
 
 def write_json(workdir: str, name: str, obj: Any) -> Optional[str]:
     if not is_writer():
         return None
-    path = os.path.join(workdir, name)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)  # Atomic: a reader never sees half a file.
-    return path
+    path = paths.path(workdir) / name
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    if paths.is_remote(workdir):
+        path.write_text(text)  # An object store's upload is atomic already.
+    else:
+        tmp = path.with_name(path.name + '.tmp')
+        tmp.write_text(text)
+        os.replace(tmp, path)  # Atomic: a reader never sees half a file.
+    return os.fspath(path)
+
+
+def read_json(path) -> Any:
+    """The JSON file at `path` (local or object store)."""
+    return json.loads(paths.path(path).read_text())
 
 
 def _json_default(x):
@@ -77,11 +147,8 @@ def update_results(workdir: str, section: str, value: Any) -> None:
     """Deep-merges `{section: value}` into <workdir>/results.json (chained jobs add to one file)."""
     if not is_writer():
         return
-    path = os.path.join(workdir, 'results.json')
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    path = paths.path(workdir) / 'results.json'
+    results = read_json(path) if path.exists() else {}
     _deep_merge(results, {section: value})
     write_json(workdir, 'results.json', results)
 
@@ -99,8 +166,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_text(workdir: str, name: str, text: str) -> None:
     if is_writer():
-        with open(os.path.join(workdir, name), 'w') as f:
-            f.write(text + '\n')
+        (paths.path(workdir) / name).write_text(text + '\n')
 
 
 def image_grid(
@@ -218,7 +284,9 @@ def write_grid(
         return
     from PIL import Image
 
-    Image.fromarray(grid).save(os.path.join(workdir, name))
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format='PNG')
+    (paths.path(workdir) / name).write_bytes(buffer.getvalue())
     if writer is not None:
         writer.write_images(step, {os.path.splitext(name)[0]: grid[None]})
 

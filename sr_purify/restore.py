@@ -17,7 +17,6 @@ student job keeps one field group per architecture under `model` (see models.fla
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional, Tuple
 
 import flax
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import checkpointing, models
+from sr_purify import checkpointing, models, paths
 
 # What each job's workdir holds: the kind of model, and the subfolder its deliverable is in
 # ('' = the training checkpoints, whose state['params'] are the model's).
@@ -87,12 +86,11 @@ def _missing(path: str, flag: str, what: str) -> FileNotFoundError:
 
 def find_job_config(path: str) -> Tuple[Optional[ml_collections.ConfigDict], str]:
     """(the saved config, the job's workdir) for `path` or the folder above it; (None, path)."""
-    path = os.path.abspath(path)
-    for folder in (path, os.path.dirname(path)):
-        file = os.path.join(folder, CONFIG_FILE)
-        if os.path.isfile(file):
-            with open(file) as f:
-                return ml_collections.ConfigDict(json.load(f)), folder
+    path = str(paths.path(path))
+    for folder in (path, paths.parent(path)):
+        file = paths.path(folder) / CONFIG_FILE
+        if file.is_file():
+            return ml_collections.ConfigDict(json.loads(file.read_text())), folder
     return None, path
 
 
@@ -117,10 +115,10 @@ def _check_kind(kind: str, expect: Optional[str], path: str, job: str) -> None:
 def _param_folder(path: str, workdir: str, job: str) -> str:
     """The checkpoint folder to read: `path` itself if it holds steps, else the job's export,
     else its training checkpoints."""
-    path = os.path.abspath(path)
+    path = str(paths.path(path))
     if checkpointing.has_checkpoints(path):
         return path
-    export = os.path.join(workdir, EXPORT_FOLDERS.get(job, ''))
+    export = paths.join(workdir, EXPORT_FOLDERS.get(job, ''))
     if job in EXPORT_FOLDERS and checkpointing.has_checkpoints(export):
         return export
     return checkpointing.checkpoint_directory(path)
@@ -170,7 +168,7 @@ def load(
       what: what the error messages call the model ('teacher'; default from `expect`).
     """
     what = what or WHAT.get(expect, expect)
-    if not path or not os.path.exists(path):
+    if not path or not paths.path(path).exists():
         raise _missing(path, flag, what)
     config, workdir = find_job_config(path)
     job = config.get('trainer', '') if config is not None else ''

@@ -17,7 +17,6 @@ classifier and the purifier:
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import optax
 from clu import periodic_actions
 
-from sr_purify import checkpointing, registry, reporting, sharding
+from sr_purify import checkpointing, paths, registry, reporting, sharding
 
 PyTree = Any
 # loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, extra_metrics));
@@ -314,7 +313,7 @@ def fit(
     state, state_sharding = create_state(init_variables, tx, mesh, init_rng)
 
     ckpt = checkpointing.Checkpointer(
-        checkpoint_dir or os.path.join(workdir, 'checkpoints'),
+        checkpoint_dir or paths.join(workdir, 'checkpoints'),
         max_to_keep=config.get('keep_checkpoints', 3),
     )
     restored, restored_step = _resume(ckpt, abstract_with_sharding(state, state_sharding), config)

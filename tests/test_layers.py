@@ -10,7 +10,7 @@ PACKAGE = REPO / 'sr_purify'
 
 # Lowest first. A module is matched by its longest listed prefix (dotted, below sr_purify).
 LAYERS = (
-    ('core', ('image_ops', 'registry', 'sharding', 'checkpointing', 'reporting', 'perf')),
+    ('core', ('image_ops', 'registry', 'sharding', 'paths', 'checkpointing', 'reporting', 'perf')),
     ('models, attacks, data', ('models', 'attacks', 'sr_data', 'classification_data')),
     ('restore', ('restore',)),
     (

@@ -15,7 +15,6 @@ training) goes to purifier_table.md, results.json and purifier_grid.png (clean |
 
 import itertools
 import logging
-import os
 from typing import Any, Dict, Iterator, Tuple
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sr_purify import attacks, checkpointing, purifiers, reporting, sharding, training
+from sr_purify import attacks, checkpointing, paths, purifiers, reporting, sharding, training
 
 PyTree = Any
 DATA_SOURCES = ('cifar', 'folder', 'embedded')
@@ -390,7 +389,7 @@ def train_and_evaluate(
     if result.preempted:
         return result
     params = sharding.to_host(result.state.params)
-    export_dir = checkpointing.export_params(os.path.join(workdir, 'purifier'), result.step, params)
+    export_dir = checkpointing.export_params(paths.join(workdir, 'purifier'), result.step, params)
     before, _ = report(start)
     after, (x_adv, p_adv, p_clean) = report(params)
     log.write_scalars(result.step, {f'eval/{k}': v for k, v in after.items()})

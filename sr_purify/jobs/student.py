@@ -18,7 +18,6 @@
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,6 +30,7 @@ from sr_purify import (
     checkpointing,
     distillation,
     models,
+    paths,
     reporting,
     restore,
     sharding,
@@ -59,7 +59,7 @@ def teacher_checkpoint(config: ml_collections.ConfigDict, workdir: str):
     """
     if config.teacher.get('checkpoint', ''):
         return config.teacher.checkpoint, None
-    directory = os.path.join(workdir, 'teacher')
+    directory = paths.join(workdir, 'teacher')
     logging.info(
         'no teacher.checkpoint given: training the teacher (%s) into %s first',
         config.teacher.model.name,
@@ -206,7 +206,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, writer=None) -> Dis
         )
     student_params = sharding.to_host(result.state.params['student'])
     export_dir = checkpointing.export_params(
-        os.path.join(workdir, 'student'), result.step, student_params
+        paths.join(workdir, 'student'), result.step, student_params
     )
     return Distilled(
         result,
@@ -272,7 +272,7 @@ def train_and_evaluate(
     worth = {
         'losses': active,
         'teacher_access': config.distill.teacher_access,
-        'teacher_checkpoint': os.path.abspath(teacher_dir),
+        'teacher_checkpoint': str(paths.path(teacher_dir)),
         'teacher_step': teacher_step,
         'student_export': export_dir,
         'params_ratio': cost['teacher']['params'] / cost['student']['params'],
@@ -327,13 +327,9 @@ def _teacher_train_info(teacher_dir: str, teacher_run) -> Dict[str, float]:
             'steps_per_sec': teacher_run.steps_per_sec,
             'wall_s': teacher_run.wall_s,
         }
-    import json
-
-    path = os.path.join(teacher_dir, 'results.json')
-    if os.path.basename(os.path.normpath(teacher_dir)) == 'checkpoints':
-        path = os.path.join(os.path.dirname(os.path.normpath(teacher_dir)), 'results.json')
+    folder = paths.parent(teacher_dir) if paths.name(teacher_dir) == 'checkpoints' else teacher_dir
     try:
-        with open(path) as f:
-            return json.load(f).get('train', {}).get('teacher', {})
+        results = reporting.read_json(paths.join(folder, 'results.json'))
     except (OSError, ValueError):
         return {}
+    return results.get('train', {}).get('teacher', {})
