@@ -21,9 +21,20 @@ trained sr_resample purifier; oblivious | adaptive | transfer attackers, sanity 
     --config.classifier.checkpoint=workdirs/classifier \\
     --config.purifiers[3].checkpoint=workdirs/purifier \\
     --config.transfer.checkpoint=workdirs/classifier_small_cnn
+
+Robustness of SR networks to perturbed LR inputs (bicubic, teacher, student and any further SR
+workdirs; basic and universal attacks of Choi et al. 2019 at eps_255 = 1, 2, 4, 8 (/255) on Set5
+and Set14; teacher <-> student transfer; the defences self_ensemble, resize and median_smoothing
+under oblivious and adaptive attackers). CPU default: 10 attack steps; `sr_robustness,full`: the
+paper's 50; `scale=4` for x4 models:
+  python launch.py --config=configs/evaluate.py:sr_robustness --workdir=workdirs/eval_sr_rob \\
+    --config.teacher.checkpoint=workdirs/teacher --config.student.checkpoint=workdirs/student \\
+    [--config.others="('workdirs/other_sr',)"] [--config.eps_255='(2, 4)'] \\
+    [--config.defences="('self_ensemble',)"]
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import classifier, common
 
@@ -38,7 +49,7 @@ SR_BENCHMARKS = [
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    modes = ('sr', 'attack', 'robustness')
+    modes = ('sr', 'attack', 'robustness', 'sr_robustness')
     parts, options = common.parse_variant(
         arg, modes + ('student', 'teacher', 'small_cnn', 'full'), default='sr', options=('scale',)
     )
@@ -46,6 +57,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         return attack_config(parts)
     if 'robustness' in parts:
         return robustness_config(parts)
+    if 'sr_robustness' in parts:
+        return sr_robustness_config(parts, options)
     scale = int(options.get('scale', 2))
     c = ml_collections.ConfigDict()
     c.trainer = 'evaluate'
@@ -147,4 +160,38 @@ def robustness_config(parts=()) -> ml_collections.ConfigDict:
     c.sanity_batches = 1
     c.grid_samples = 4
     c.grid_attack = -1  # Index into the attacks; -1: the L-inf attack nearest 8/255.
+    return c
+
+
+def sr_robustness_config(parts=(), options=None) -> ml_collections.ConfigDict:
+    """Mode 'sr_robustness': SR models under the attacks of Choi et al. 2019, with defences."""
+    from sr_purify.evaluators import sr_defences  # Lazy: jax is only needed once a config is built.
+
+    full = 'full' in parts
+    c = ml_collections.ConfigDict()
+    c.trainer = 'evaluate'
+    c.mode = 'sr_robustness'
+    c.seed = 0
+    c.scale = int((options or {}).get('scale', 2))  # Every model must be trained at this scale.
+    # SR workdirs ('' = not evaluated); bicubic is always evaluated. Transfer runs both ways when
+    # both are given; `others` adds further SR workdirs, each labelled by its folder name.
+    c.teacher = ml_collections.ConfigDict(dict(checkpoint=''))
+    c.student = ml_collections.ConfigDict(dict(checkpoint=''))
+    c.others = ()
+    c.datasets = tuple(SR_BENCHMARKS[:2])  # Set5, Set14 (a tuple: settable from the command line).
+    c.eps_255 = (1, 2, 4, 8)  # L-inf budgets in 1/255.
+    # The basic attack: I-FGSM on ||f(x + d) - f(x)||^2, step_size None = eps / steps.
+    c.attack = ml_collections.ConfigDict(
+        dict(steps=50 if full else 10, step_size=config_dict.placeholder(float))
+    )
+    # The universal attack: one `patch` x `patch` LR perturbation per set, tiled (steps 0: off).
+    c.universal = ml_collections.ConfigDict(
+        dict(steps=50 if full else 10, step_size=config_dict.placeholder(float), patch=32)
+    )
+    c.defences = ('self_ensemble', 'resize', 'median_smoothing')
+    c.defence = sr_defences.default_settings()
+    # The attacker on defence∘f: steps 0 = attack.steps; EOT draws for random defences.
+    c.adaptive = ml_collections.ConfigDict(dict(steps=0, eot_draws=20))
+    c.grid_eps = -1  # Index into eps_255 for the image grid; -1: the largest.
+    c.grid_crop = 48  # LR pixels of the grid's centre crops.
     return c

@@ -2,12 +2,15 @@
 
 * 'sr': bicubic and, given `config.checkpoint`, a restored SR model on benchmark folders;
 * 'attack': a trained classifier under every attack of `config.attacks`;
-* 'robustness': purifiers in front of a classifier under oblivious, adaptive and transfer attackers.
+* 'robustness': purifiers in front of a classifier under oblivious, adaptive and transfer attackers;
+* 'sr_robustness': bicubic and restored SR models under the attacks of Choi et al. 2019 (basic,
+  universal, teacher <-> student transfer), bare and behind each SR defence.
 
 Each mode restores what it needs through `restore.load` (fail fast on settings and paths before
 any data loads), runs the library evaluator and writes its report into the workdir.
 """
 
+import os
 import time
 from typing import Any, Dict, List, Sequence
 
@@ -17,19 +20,29 @@ import ml_collections
 from sr_purify import attacks, purifiers, registry, reporting, restore, sharding, sr_data
 from sr_purify import classification_data as cdata
 from sr_purify.evaluators import attacks as attack_eval
-from sr_purify.evaluators import robustness, robustness_report
+from sr_purify.evaluators import (
+    robustness,
+    robustness_report,
+    sr_defences,
+    sr_robustness,
+    sr_robustness_report,
+)
 from sr_purify.evaluators import sr as sr_eval
 
-MODES = ('sr', 'attack', 'robustness')
+MODES = ('sr', 'attack', 'robustness', 'sr_robustness')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     mode = registry.lookup({m: m for m in MODES}, config.mode, 'evaluation mode')
     reporting.check_workdir(workdir)
     reporting.write_config(workdir, config)
-    return {'sr': evaluate_sr, 'attack': evaluate_attacks, 'robustness': evaluate_robustness}[mode](
-        config, workdir
-    )
+    run = {
+        'sr': evaluate_sr,
+        'attack': evaluate_attacks,
+        'robustness': evaluate_robustness,
+        'sr_robustness': evaluate_sr_robustness,
+    }[mode]
+    return run(config, workdir)
 
 
 def evaluate_sr(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -172,5 +185,67 @@ def evaluate_robustness(config: ml_collections.ConfigDict, workdir: str) -> Dict
             f'step {classifier.step}) behind each purifier, {results["examples"]} '
             f'{config.data.eval_split} images, accuracy %'
         ),
+    )
+    return results
+
+
+def _strings(value) -> List[str]:
+    """A tuple field that may also hold one string (`--config.others=path`)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def sr_models(config: ml_collections.ConfigDict, scale: int) -> List[sr_robustness.SRModel]:
+    """Bicubic, then the teacher, the student and `config.others` that are given, each restored
+    through `restore.load` (a non-SR checkpoint or another scale than `scale` raises)."""
+    entries = [
+        ('teacher', config.teacher.checkpoint, '--config.teacher.checkpoint'),
+        ('student', config.student.checkpoint, '--config.student.checkpoint'),
+    ]
+    for path in _strings(config.others):
+        label = os.path.basename(os.path.normpath(path)) if path else ''
+        entries.append((label, path, '--config.others'))
+    models = [sr_robustness.bicubic(scale)]
+    for label, path, flag in entries:
+        if not path:
+            continue
+        restored = restore.load(path, 'sr', flag=flag)
+        models.append(sr_robustness.restored_model(label, restored, scale, flag))
+    return models
+
+
+def evaluate_sr_robustness(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Mode 'sr_robustness'. Returns the `sr_robustness` results section."""
+    # Fail fast: settings and defence names, then the checkpoints, then the image folders.
+    settings = sr_robustness.settings_from(config)
+    scale = sr_data.check_scale(config.scale)
+    defences = [sr_defences.build(name, config.defence) for name in _strings(config.defences)]
+    models = sr_models(config, scale)
+    for spec in config.datasets:
+        if spec != 'embedded':
+            sr_data.list_image_files(spec)
+    names = [m.name for m in models]
+    transfer = [('teacher', 'student'), ('student', 'teacher')]
+    transfer = [(a, b) for a, b in transfer if a in names and b in names]
+    if not transfer:
+        print(
+            'note: transfer skipped: give both --config.teacher.checkpoint and '
+            '--config.student.checkpoint',
+            flush=True,
+        )
+    sets = [sr_data.eval_images(spec) for spec in config.datasets]
+    t0 = time.time()
+    results, samples = sr_robustness.evaluate(models, sets, settings, defences, transfer)
+    results['wall_s'] = time.time() - t0
+    results['checkpoints'] = {
+        'teacher': config.teacher.checkpoint,
+        'student': config.student.checkpoint,
+        'others': _strings(config.others),
+    }
+    sr_robustness_report.report(
+        workdir,
+        results,
+        samples,
+        title=f'SR robustness x{scale}: {", ".join(names)} (PSNR in dB, Y)',
+        grid_crop=int(config.get('grid_crop', 48)),
     )
     return results
