@@ -238,7 +238,8 @@ def handle_error(e: BaseException, workdir: str = '') -> int:
             print(f'error: {message}', file=sys.stderr)
             return 2
     if isinstance(e, _USER_ERRORS) and _raised_by_own_code(e):
-        message = str(e).strip('"\'')  # A KeyError's str() is the quoted key.
+        # A KeyError's str() is its message quoted; any other message may start with a quote.
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f'error: {message}', file=sys.stderr)
         return 2
     text = ''.join(traceback.format_exception(e))

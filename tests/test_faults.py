@@ -284,3 +284,15 @@ def test_invalid_intervals_fail_before_training(tmp_path, field, value, valid):
     assert str(info.value) == f'config.{field}={value} is not valid; it must be {valid}'
     assert not (tmp_path / 'checkpoints').exists()
     training.check_intervals(_config(2, eval_every=0))  # 0: evaluate only at the end.
+
+
+def test_one_line_errors_keep_their_quotes_and_a_key_error_loses_its_own(
+    launcher, tmp_path, capsys
+):
+    own = os.path.join(REPO, 'sr_purify', 'x.py')
+    error = _raised("raise ValueError(\"'/data/run' is a classifier job's workdir\")", own)
+    assert launcher.handle_error(error, str(tmp_path)) == 2
+    assert capsys.readouterr().err == "error: '/data/run' is a classifier job's workdir\n"
+    error = _raised('raise KeyError("unknown loss \'l3\'; valid: l1, l2")', own)
+    assert launcher.handle_error(error, str(tmp_path)) == 2
+    assert capsys.readouterr().err == "error: unknown loss 'l3'; valid: l1, l2\n"
