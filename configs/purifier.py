@@ -22,6 +22,14 @@ generator:
     --config.purifier.feature.checkpoint=workdirs/classifier
 Full size (GPU/TPU): `:full` (combine: `:full,nrp`). Then evaluate:
   python launch.py --config=configs/evaluate.py:robustness --workdir=workdirs/eval_robustness
+`:sr_service` is the input purifier of the SR service instead (sr_purify/jobs/purifier.py,
+`train_sr_service`): a small NRP generator P (LR in, LR out, starting as the identity) in front of
+a frozen SR model S, on unlabelled LR images only (the embedded photos' LR, never their HR, or a
+folder of LR images); loss L1(S(P(x + d)), S(x)) + identity * L1(P(x), x), d = the SR attack on S:
+  python launch.py --config=configs/purifier.py:sr_service --workdir=workdirs/sr_purifier \
+    --config.sr_model.checkpoint=workdirs/student
+then `--config.defences="('input_purifier',)" --config.defence.input_purifier.checkpoint=
+workdirs/sr_purifier` in configs/evaluate.py:sr_robustness.
 """
 
 import ml_collections
@@ -29,7 +37,7 @@ import ml_collections
 from configs import classifier, common
 from configs import student as student_config
 
-VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample', 'victim')
+VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample', 'sr_service', 'victim')
 
 
 def feature_config(kind: str = 'random_cnn') -> ml_collections.ConfigDict:
@@ -67,6 +75,36 @@ def purifier_config(kind: str = 'sr_resample') -> ml_collections.ConfigDict:
             feature=feature_config(),
         )
     )
+
+
+def sr_service_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`:sr_service`: the SR service's input purifier (LR in, LR out) in front of a frozen SR model.
+
+    No HR and no labels: the batches are `{'image'}` LR crops, and the target is S's own output.
+    """
+    c.purifier = purifier_config('nrp')  # Same-size residual generator, starts as the identity.
+    c.purifier.nrp.update(num_blocks=1, features=16, growth=8, num_dense=1, dense_layers=3)
+    # S, frozen: a teacher or student workdir (restore.load(..., 'sr')); its scale makes the LR.
+    c.sr_model = ml_collections.ConfigDict(dict(checkpoint=''))
+    # d = attacks.sr_attack on S (L-inf, random start), made per step inside the jitted step.
+    c.perturb = ml_collections.ConfigDict(dict(eps=4 / 255, steps=3, step_size=2 / 255))
+    c.loss = ml_collections.ConfigDict(dict(sr=1.0, identity=1.0))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source='embedded',  # embedded: the photos' LR (MATLAB bicubic); folder: LR images
+            path='',
+            patch=32,  # LR crop side
+            flip=True,
+            eval_images=16,
+        )
+    )
+    c.batch_size = 16
+    c.total_steps = 200
+    c.log_every = 25
+    c.checkpoint_every = 100
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 20
+    return c
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -110,6 +148,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 20
     c.grid_samples = 6
+    if 'sr_service' in parts:
+        sr_service_config(c)
     if 'victim' in parts:
         f = c.purifier.feature
         f.kind, f.layer = 'classifier', 'stage_3'  # f.checkpoint: the victim's workdir.

@@ -252,9 +252,11 @@ def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.
     return student.params
 
 
-def restore(checkpoint: str, mesh=None) -> Tuple[Purifier, PyTree, ml_collections.ConfigDict, int]:
+def restore(
+    checkpoint: str, mesh=None, flag: str = '--config.purifiers[i].checkpoint'
+) -> Tuple[Purifier, PyTree, ml_collections.ConfigDict, int]:
     """(purifier, params, its config, step) of a trained purifier job (its workdir or export)."""
-    saved = restore_lib.load(checkpoint, 'purifier', flag='--config.purifiers[i].checkpoint')
+    saved = restore_lib.load(checkpoint, 'purifier', flag=flag)
     cfg = saved.config.purifier
     purifier = build(cfg, mesh)
     return purifier, saved.params, cfg, saved.step

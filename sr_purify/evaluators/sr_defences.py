@@ -18,6 +18,10 @@ listing the valid ones.
   almost everywhere (the gradient reaches the sample each median picks, and the noise is
   additive), so the adaptive attacker uses EOT over `adaptive.eot_draws` draws with exact
   gradients.
+* `input_purifier`: f(P(x)) with P the SR service's self-supervised input purifier, trained on
+  LR images only by `configs/purifier.py:sr_service` and restored from
+  `input_purifier.checkpoint` (that job's workdir). Deterministic (unless P has input noise) and
+  differentiable: the adaptive attacker differentiates through P.
 
 No defence here has a non-differentiable stage, so the adaptive attacker needs no BPDA: it
 differentiates defence and model end to end (`attack_fn`).
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import attacks, image_ops, registry
+from sr_purify import attacks, image_ops, purifiers, registry
 
 SRFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -103,6 +107,13 @@ def median_smoothing(
     return ranked[middle] if samples % 2 else 0.5 * (ranked[middle - 1] + ranked[middle])
 
 
+def input_purifier(
+    sr_fn: SRFn, params, x: jax.Array, key=None, *, purifier, purifier_params
+) -> jax.Array:
+    """f(P(x)), P a trained purifier (LR in, LR out) with its parameters fixed."""
+    return sr_fn(params, purifier.purify(purifier_params, x, key))
+
+
 # ---------------------------------------------------------------------------------------------
 # By name.
 
@@ -146,10 +157,30 @@ def _build_median_smoothing(settings) -> Defence:
     )
 
 
+def _build_input_purifier(settings) -> Defence:
+    checkpoint = settings.get('checkpoint', '')
+    if not checkpoint:
+        raise ValueError(
+            'defence input_purifier needs --config.defence.input_purifier.checkpoint=<the '
+            'workdir of a configs/purifier.py:sr_service job>'
+        )
+    purifier, pparams, _, step = purifiers.restore(
+        checkpoint, flag='--config.defence.input_purifier.checkpoint'
+    )
+    pparams = jax.tree.map(jnp.asarray, pparams)
+    return Defence(
+        'input_purifier',
+        functools.partial(input_purifier, purifier=purifier, purifier_params=pparams),
+        random=purifier.random,
+        settings={'checkpoint': str(checkpoint), 'kind': purifier.kind, 'step': int(step)},
+    )
+
+
 DEFENCES = {
     'self_ensemble': _build_self_ensemble,
     'resize': _build_resize,
     'median_smoothing': _build_median_smoothing,
+    'input_purifier': _build_input_purifier,
 }
 
 
@@ -157,7 +188,10 @@ def default_settings() -> ml_collections.ConfigDict:
     """`config.defence`: each defence's settings (CPU-sized; see the module docstring)."""
     return ml_collections.ConfigDict(
         dict(
-            self_ensemble={}, resize=dict(factor=0.75), median_smoothing=dict(sigma=0.02, samples=9)
+            self_ensemble={},
+            resize=dict(factor=0.75),
+            median_smoothing=dict(sigma=0.02, samples=9),
+            input_purifier=dict(checkpoint=''),  # a configs/purifier.py:sr_service workdir
         )
     )
 

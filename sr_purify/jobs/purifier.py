@@ -11,6 +11,11 @@ the training state or its checkpoints. At the end the purifier's parameters alon
 <workdir>/purifier (configs/evaluate.py:robustness restores them with the workdir's config.json),
 and a label-free report (PSNR of x', P(x'), P(x) against x on held-out images, before and after
 training) goes to purifier_table.md, results.json and purifier_grid.png (clean | x' | P(x') | P(x)).
+
+A config with `sr_model` (configs/purifier.py:sr_service) trains the SR service's input purifier
+instead (`train_sr_service`): P in front of a frozen SR model S, on unlabelled LR images only (no
+HR), minimising sr * L1(S(P(x + d)), S(x)) + identity * L1(P(x), x) with d the SR attack on S;
+evaluators/sr_defences.py's `input_purifier` runs S(P(x)) with the export.
 """
 
 import itertools
@@ -22,7 +27,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sr_purify import attacks, checkpointing, paths, purifiers, reporting, sharding, training
+from sr_purify import (
+    attacks,
+    checkpointing,
+    paths,
+    purifiers,
+    reporting,
+    restore,
+    sharding,
+    training,
+)
 
 PyTree = Any
 DATA_SOURCES = ('cifar', 'folder', 'embedded')
@@ -335,6 +349,8 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, writer=None
 ) -> training.FitResult:
     """Trains P with no labels, exports it, reports; `writer` replaces the clu writer."""
+    if config.get('sr_model', None) is not None:
+        return train_sr_service(config, workdir, writer)
     check_config(config)
     reporting.check_workdir(workdir)
     purifier = purifiers.build(config.purifier)
@@ -458,6 +474,248 @@ def train_and_evaluate(
         after['psnr_perturbed'],
         result.steps_per_sec,
         result.wall_s,
+    )
+    log.flush()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The SR service's input purifier (configs/purifier.py:sr_service): LR in, LR out, no HR.
+
+SR_LOSS_TERMS = ('sr', 'identity')
+
+
+def check_sr_service_config(config: ml_collections.ConfigDict) -> Dict[str, float]:
+    """Active loss weights of the SR-service purifier; fails on a bad config before any work."""
+    if not config.sr_model.get('checkpoint', ''):
+        raise ValueError(
+            'the SR-service purifier needs --config.sr_model.checkpoint=<a teacher or student '
+            'workdir> (the frozen SR model S it protects)'
+        )
+    kind = purifiers._check_kind(config.purifier.kind)
+    if kind not in purifiers.TRAINABLE:
+        raise ValueError(
+            f'purifier kind {kind!r} has no parameters to train; valid: '
+            f'{", ".join(sorted(purifiers.TRAINABLE))}'
+        )
+    weights = dict(config.loss)
+    unknown = sorted(set(weights) - set(SR_LOSS_TERMS))
+    if unknown:
+        raise ValueError(
+            f'unknown SR-service purifier loss {unknown[0]!r}; valid: {", ".join(SR_LOSS_TERMS)}'
+        )
+    if any(w < 0 for w in weights.values()) or not weights.get('sr', 0):
+        raise ValueError(
+            f'SR-service purifier loss weights must be >= 0 with sr > 0; got {weights}'
+        )
+    if config.perturb.eps < 0 or config.perturb.steps < 1:
+        raise ValueError(
+            f'perturb.eps must be >= 0 and perturb.steps >= 1; got {config.perturb.eps}, '
+            f'{config.perturb.steps}'
+        )
+    return {k: float(w) for k, w in weights.items() if w}
+
+
+def load_lr_images(config: ml_collections.ConfigDict, scale: int) -> Tuple[list, np.ndarray, str]:
+    """(training LR images, held-out uint8 LR crops, source). No HR image leaves this function.
+
+    embedded: each photo's LR by the SR convention (`make_lr`, MATLAB bicubic down by `scale`);
+    the HR photo is dropped at once. folder: the images are the service's LR inputs as they are.
+    """
+    from sr_purify import sr_data
+    from sr_purify.evaluators.sr import make_lr
+
+    d = config.data
+    if d.source == 'folder':
+        if not d.path:
+            raise FileNotFoundError(
+                'purifier data source folder needs --config.data.path=<a folder of LR images>'
+            )
+        spec = ml_collections.ConfigDict(dict(source='folder', path=d.path, skip_bad=False))
+        bank = [im.pixels[..., :3] for im in sr_data.load_images(spec, 'train')]
+        held, source = bank, d.path
+    elif d.source == 'embedded':
+        spec = ml_collections.ConfigDict(dict(source='embedded'))
+        bank, held = (
+            [make_lr(im.pixels, scale)[..., :3] for im in sr_data.load_images(spec, split)]
+            for split in ('train', 'eval')
+        )
+        source = f'embedded scikit-image photos, LR x{scale} (no HR)'
+    else:
+        raise ValueError(
+            f'unknown SR-service purifier data source {d.source!r}; valid: embedded, folder'
+        )
+    small = [im.shape for im in bank + held if min(im.shape[:2]) < d.patch]
+    if small:
+        raise ValueError(
+            f'{len(small)} LR image(s) of {source} are smaller than the {d.patch}-pixel crop '
+            f'(e.g. {small[0]}); use a smaller --config.data.patch'
+        )
+    return bank, _fixed_crops(held, d.patch, d.eval_images), source
+
+
+def make_sr_service_loss_fn(purifier: purifiers.Purifier, sr_fn, config: ml_collections.ConfigDict):
+    """`loss_fn(params, model_state, batch, rng, sr_variables)` for `training.fit`.
+
+    sr * L1(S(P(x + d)), S(x)) + identity * L1(P(x), x), d = stop_gradient(SR attack on S).
+    """
+    weights = check_sr_service_config(config)
+    p = config.perturb
+
+    def loss_fn(params, model_state, batch, rng, sr_vars):
+        x = batch['image']
+        sr_vars = jax.lax.stop_gradient(sr_vars)
+        k_attack, k_noise, k_noise_id = jax.random.split(rng, 3)
+        x_adv = jax.lax.stop_gradient(
+            attacks.sr_attack(
+                sr_fn, sr_vars, x, k_attack, eps=p.eps, steps=p.steps, step_size=p.step_size
+            )
+        )
+        target = jax.lax.stop_gradient(sr_fn(sr_vars, x))
+        # What the service runs: S on the (clipped) purified input.
+        terms = {
+            'sr': jnp.mean(
+                jnp.abs(sr_fn(sr_vars, purifier.purify(params, x_adv, k_noise)) - target)
+            )
+        }
+        if 'identity' in weights:
+            clean = purifier.raw(params, purifier.add_noise(x, k_noise_id))
+            terms['identity'] = jnp.mean(jnp.abs(clean - x))
+        total = sum(weights[k] * v for k, v in terms.items() if k in weights)
+        metrics = {f'loss/{k}': v for k, v in terms.items()}
+        metrics['psnr/sr_attacked_vs_clean'] = psnr(sr_fn(sr_vars, x_adv), target)
+        return total, (model_state, metrics)
+
+    return loss_fn
+
+
+def train_sr_service(
+    config: ml_collections.ConfigDict, workdir: str, writer=None
+) -> training.FitResult:
+    """Trains the SR service's input purifier on LR images only; exports P to <workdir>/purifier."""
+    check_sr_service_config(config)
+    reporting.check_workdir(workdir)
+    sr = restore.load(
+        config.sr_model.checkpoint, 'sr', flag='--config.sr_model.checkpoint', what='SR model'
+    )
+    module = sr.module
+
+    def sr_fn(variables, x):
+        return module.apply(variables, x)
+
+    purifier = purifiers.build(config.purifier)
+    bank, held, source = load_lr_images(config, sr.scale)
+    start = purifier.init(jax.random.key(config.seed))
+    reporting.write_config(workdir, config)
+    logging.info(
+        'SR-service purifier %s: %d unlabelled LR images from %s; S = %s step %d (x%d)',
+        purifier.kind,
+        len(bank),
+        source,
+        config.sr_model.checkpoint,
+        sr.step,
+        sr.scale,
+    )
+
+    def batches(start_step):
+        return image_batches(
+            bank,
+            patch=config.data.patch,
+            global_batch=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            flip=config.data.flip,
+        )
+
+    x_held = jnp.asarray(held, jnp.float32) / 255.0
+    key = jax.random.key(config.seed + 1)
+    p = config.perturb
+
+    @jax.jit
+    def measure(params, sr_vars):
+        x_adv = attacks.sr_attack(
+            sr_fn, sr_vars, x_held, key, eps=p.eps, steps=p.steps, step_size=p.step_size
+        )
+        k = jax.random.fold_in(key, 1)
+        target = sr_fn(sr_vars, x_held)
+        return {
+            'psnr_sr_attacked': psnr(sr_fn(sr_vars, x_adv), target),
+            'psnr_sr_purified_attacked': psnr(
+                sr_fn(sr_vars, purifier.purify(params, x_adv, k)), target
+            ),
+            'psnr_sr_purified_clean': psnr(
+                sr_fn(sr_vars, purifier.purify(params, x_held, k)), target
+            ),
+            'psnr_p_clean': psnr(purifier.purify(params, x_held, k), x_held),
+        }
+
+    def report(params):
+        return {k: float(v) for k, v in measure(params, sr.variables).items()}
+
+    log = _LossLog(writer or reporting.create_writer(workdir))
+    result = training.fit(
+        config,
+        workdir,
+        init_variables=lambda rng: (jax.tree.map(jnp.asarray, start), {}),
+        loss_fn=make_sr_service_loss_fn(purifier, sr_fn, config),
+        batches=batches,
+        evaluate=lambda state, step: {
+            f'eval/{k}': v for k, v in report(sharding.to_host(state.params)).items()
+        },
+        frozen=sr.variables,
+        writer=log,
+    )
+    if result.preempted:
+        return result
+    params = sharding.to_host(result.state.params)
+    export_dir = checkpointing.export_params(paths.join(workdir, 'purifier'), result.step, params)
+    before, after = report(start), report(params)
+    log.write_scalars(result.step, {f'eval/{k}': v for k, v in after.items()})
+    title = (
+        f'SR-service purifier {purifier.kind} after {result.step} steps (LR only, no HR, no '
+        f'labels), {len(held)} held-out LR crops, d = SR attack on S at eps {p.eps * 255:g}/255'
+    )
+    header = [
+        '',
+        'PSNR S(x+d) vs S(x)',
+        'PSNR S(P(x+d)) vs S(x)',
+        'PSNR S(P(x)) vs S(x)',
+        'PSNR P(x) vs x',
+    ]
+    keys = (
+        'psnr_sr_attacked',
+        'psnr_sr_purified_attacked',
+        'psnr_sr_purified_clean',
+        'psnr_p_clean',
+    )
+    rows = [[name] + [m[k] for k in keys] for name, m in (('start', before), ('trained', after))]
+    table = reporting.log_table(title, header, rows)
+    losses = log.losses
+    reporting.update_results(
+        workdir,
+        'purifier',
+        {
+            'kind': purifier.kind,
+            'target': 'sr_service',
+            'sr_model': config.sr_model.checkpoint,
+            'data': source,
+            'train_images': len(bank),
+            'labels_used': False,
+            'hr_used': False,
+            'export': export_dir,
+            'steps': result.step,
+            'steps_per_sec': result.steps_per_sec,
+            'wall_s': result.wall_s,
+            'first_loss': losses[0][1] if losses else None,
+            'last_loss': losses[-1][1] if losses else None,
+            'start': before,
+            'trained': after,
+        },
+    )
+    reporting.write_text(
+        workdir, 'purifier_table.md', f'# {title}\n\n{table}\n\nPurifier parameters: {export_dir}'
     )
     log.flush()
     return result
