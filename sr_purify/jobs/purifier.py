@@ -104,6 +104,20 @@ def _fixed_crops(images, patch: int, count: int = 0) -> np.ndarray:
     return out
 
 
+def _train_batches(bank, config: ml_collections.ConfigDict):
+    """`start_step -> iterator` of this process's share of the training batches from `bank`."""
+    return lambda start_step: image_batches(
+        bank,
+        patch=config.data.patch,
+        global_batch=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        flip=config.data.flip,
+    )
+
+
 def image_batches(
     bank,
     *,
@@ -372,17 +386,7 @@ def train_and_evaluate(
         del rng  # The starting point is fixed (a student checkpoint or a seeded init).
         return jax.tree.map(jnp.asarray, start), {}
 
-    def batches(start_step):
-        return image_batches(
-            bank,
-            patch=config.data.patch,
-            global_batch=config.batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            flip=config.data.flip,
-        )
+    batches = _train_batches(bank, config)
 
     report = make_report(purifier, feature, config, held)
 
@@ -617,17 +621,7 @@ def train_sr_service(
         sr.scale,
     )
 
-    def batches(start_step):
-        return image_batches(
-            bank,
-            patch=config.data.patch,
-            global_batch=config.batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            flip=config.data.flip,
-        )
+    batches = _train_batches(bank, config)
 
     x_held = jnp.asarray(held, jnp.float32) / 255.0
     key = jax.random.key(config.seed + 1)
