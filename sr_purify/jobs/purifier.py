@@ -104,6 +104,17 @@ def _fixed_crops(images, patch: int, count: int = 0) -> np.ndarray:
     return out
 
 
+def _run_summary(result, losses) -> Dict[str, Any]:
+    """The training-run fields every purifier's results.json section reports."""
+    return {
+        'steps': result.step,
+        'steps_per_sec': result.steps_per_sec,
+        'wall_s': result.wall_s,
+        'first_loss': losses[0][1] if losses else None,
+        'last_loss': losses[-1][1] if losses else None,
+    }
+
+
 def _train_batches(bank, config: ml_collections.ConfigDict):
     """`start_step -> iterator` of this process's share of the training batches from `bank`."""
     return lambda start_step: image_batches(
@@ -439,11 +450,7 @@ def train_and_evaluate(
         'train_images': len(bank),
         'labels_used': False,
         'export': export_dir,
-        'steps': result.step,
-        'steps_per_sec': result.steps_per_sec,
-        'wall_s': result.wall_s,
-        'first_loss': losses[0][1] if losses else None,
-        'last_loss': losses[-1][1] if losses else None,
+        **_run_summary(result, losses),
         'start': before,
         'trained': after,
         'student_checkpoint': config.purifier.get('student_checkpoint', ''),
@@ -699,11 +706,7 @@ def train_sr_service(
             'labels_used': False,
             'hr_used': False,
             'export': export_dir,
-            'steps': result.step,
-            'steps_per_sec': result.steps_per_sec,
-            'wall_s': result.wall_s,
-            'first_loss': losses[0][1] if losses else None,
-            'last_loss': losses[-1][1] if losses else None,
+            **_run_summary(result, losses),
             'start': before,
             'trained': after,
         },
