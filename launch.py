@@ -123,6 +123,13 @@ def main(argv):
             "no model given; pass --config.checkpoint=<a student or teacher job's workdir"
             + (', or an export folder>' if config.trainer == 'upscale' else '>')
         )
+    if config.trainer == 'extract':  # The victim is required and has no default.
+        victim = config.victim
+        if not victim or ('://' not in victim and not os.path.exists(victim)):
+            raise FileNotFoundError(
+                (f'--config.victim={victim!r} does not exist' if victim else 'no victim given')
+                + '; pass --config.victim=<a teacher or student workdir, or an export folder>'
+            )
     if config.trainer == 'upscale':  # No images is an error at once, before TensorFlow loads.
         if not config.input:
             raise FileNotFoundError(
