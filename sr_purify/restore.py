@@ -25,11 +25,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sr_purify import checkpointing, models, paths
+from sr_purify import checkpointing, models, paths, watermark
 
 # What each job's workdir holds: the kind of model, and the subfolder its deliverable is in
 # ('' = the training checkpoints, whose state['params'] are the model's).
 JOB_KINDS = {'teacher': 'sr', 'student': 'sr', 'classifier': 'classifier', 'purifier': 'purifier'}
+JOB_KINDS['extract'] = 'sr'  # The extraction job's surrogates/<name>_q<n> folders.
+# A watermark job's folder: the marked model (its source's parameters, every output marked).
+JOB_KINDS['watermark'] = 'sr'
 EXPORT_FOLDERS = {'student': 'student', 'purifier': 'purifier'}
 KINDS = ('sr', 'classifier', 'purifier')
 CONFIG_FILE = 'config.json'
@@ -156,6 +159,7 @@ def load(
     model_config: Optional[ml_collections.ConfigDict] = None,
     flag: str = '--config.checkpoint',
     what: str = '',
+    marked: bool = True,
 ) -> Restored:
     """The trained model in `path` (see the module docstring).
 
@@ -166,6 +170,8 @@ def load(
         the saved one (and used when there is no config.json at all).
       flag: the command-line flag that gave `path`, for the error messages.
       what: what the error messages call the model ('teacher'; default from `expect`).
+      marked: for a watermark job's folder, serve the marked model (False: the clean source, as
+        the owner's verification needs it).
     """
     what = what or WHAT.get(expect, expect)
     if not path or not paths.path(path).exists():
@@ -192,8 +198,16 @@ def load(
         if module is None:  # none / bicubic_resample / jpeg: nothing to restore.
             return Restored(kind, job, None, {}, None, config, 0, workdir)
     else:
+        if config is not None and 'model' not in config:
+            raise ValueError(
+                f'{path!r} is the workdir of a {job!r} job with several models; pass {flag}=<one '
+                f'of its model folders (e.g. surrogates/<name>_q<n>)>'
+            )
         flat = models.flatten_config(model_config if model_config is not None else config.model)
         module = models.build(flat)
+        mark = (config or {}).get('watermark')
+        if marked and mark is not None and mark.get('seed', 0):
+            module = watermark.Watermarked(module, mark.seed, mark.strength, flat.scale)
 
     directory = _param_folder(path, workdir, job)
     if not checkpointing.has_checkpoints(directory):

@@ -11,11 +11,23 @@ PACKAGE = REPO / 'sr_purify'
 # Lowest first. A module is matched by its longest listed prefix (dotted, below sr_purify).
 LAYERS = (
     ('core', ('image_ops', 'registry', 'sharding', 'paths', 'checkpointing', 'reporting', 'perf')),
-    ('models, attacks, data', ('models', 'attacks', 'sr_data', 'classification_data')),
+    (
+        'models, attacks, data',
+        ('models', 'attacks', 'sr_data', 'classification_data', 'watermark'),
+    ),
     ('restore', ('restore',)),
     (
         'library',
-        ('losses', 'distillation', 'purifiers', 'evaluators', 'inference', 'export', 'api'),
+        (
+            'losses',
+            'distillation',
+            'purifiers',
+            'evaluators',
+            'inference',
+            'export',
+            'api',
+            'extraction',
+        ),
     ),
     ('training loop', ('training',)),
     ('jobs', ('jobs',)),

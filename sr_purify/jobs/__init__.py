@@ -5,7 +5,18 @@ import importlib
 
 from sr_purify import registry
 
-JOBS = ('teacher', 'student', 'classifier', 'purifier', 'evaluate', 'upscale', 'export')
+JOBS = (
+    'teacher',
+    'student',
+    'classifier',
+    'purifier',
+    'evaluate',
+    'upscale',
+    'export',
+    'extract',
+    'watermark',
+    'verify',
+)
 
 
 def get(name: str):

@@ -1,0 +1,226 @@
+"""An invisible, key-derived watermark in every output of a deployed SR model, and its test.
+
+The mark is a small fixed random network of the LR input, m_K(x) = a * tanh(z_K(x)), where K (a
+seed) draws the network's weights and a is the strength in 1/255 units. z_K looks at the local
+high-pass luminance of x only, so flat regions carry no mark, and it is an *even* function of that
+high-pass signal (products of odd features): an SR network's own correction to bicubic is mostly
+an odd (linear, sharpening) function of it, so the mark is close to orthogonal to anything a model
+does on its own. Being a smooth function of a few LR pixels, it is what any convolutional
+surrogate trained on the marked outputs learns alongside the SR mapping, so copies inherit it.
+
+Verification is a Monte-Carlo rank test (exact under the null, no distributional assumption):
+the statistic projects a suspect's residual (its output minus the owner's clean model on the
+probe images) on the owner's mark; the same statistic under `null_keys` fresh random keys gives
+its distribution when the suspect does not know K. Under H0 ("not derived from the owner's
+model", so independent of K) the owner's statistic is exchangeable with the null ones and
+p = (1 + #{null >= owner}) / (1 + null_keys) satisfies P(p <= alpha) <= alpha.
+"""
+
+import dataclasses
+from typing import Any, Dict, List, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Luma weights (BT.601, as the SR metrics use) and the high-pass that feeds the mark network.
+_LUMA = np.array([65.481, 128.553, 24.966], np.float32) / 255.0
+_BLUR = np.array([1, 4, 6, 4, 1], np.float32) / 16.0
+HIDDEN = 8  # Channels of the mark network.
+HP_GAIN = 12.0  # Natural LR high-pass has std ~0.02-0.05: this puts tanh in its curved range.
+BORDER = 4  # LR pixels left out at each probe edge: the receptive field of the mark network.
+Z_GAIN = 8.0  # z has std ~0.1: tanh(8 z) gives a unit mark of rms ~0.47.
+
+
+def mark_weights(seed: int) -> Dict[str, jax.Array]:
+    """The mark network's weights for key `seed` (HWIO, no biases: zero in, zero out)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return {
+        'conv1': jax.random.normal(k1, (5, 5, 1, HIDDEN)) / 5.0,
+        'conv2': jax.random.normal(k2, (3, 3, HIDDEN, HIDDEN)) / np.sqrt(9 * HIDDEN),
+        'mix': jax.random.normal(k3, (HIDDEN // 2,)) / np.sqrt(HIDDEN // 2),
+    }
+
+
+def _conv(x, w, padding='SAME'):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+
+def high_pass(lr: jax.Array) -> jax.Array:
+    """Luma minus its 5x5 binomial blur, (N, h, w, 1); edge-replicated so borders carry no step."""
+    y = jnp.tensordot(lr, jnp.asarray(_LUMA), axes=[[-1], [0]])[..., None]
+    k = jnp.asarray(_BLUR)
+    padded = jnp.pad(y, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='edge')
+    blur = _conv(_conv(padded, k.reshape(5, 1, 1, 1), 'VALID'), k.reshape(1, 5, 1, 1), 'VALID')
+    return y - blur
+
+
+def mark_field(weights: Dict[str, jax.Array], lr: jax.Array) -> jax.Array:
+    """The unit-amplitude mark at LR resolution, (N, h, w, 1), even in the high-pass."""
+    h = jnp.tanh(_conv(HP_GAIN * high_pass(lr), weights['conv1']))
+    h = jnp.tanh(_conv(h, weights['conv2']))
+    half = HIDDEN // 2
+    z = jnp.sum(h[..., :half] * h[..., half:] * weights['mix'], axis=-1, keepdims=True)
+    return jnp.tanh(Z_GAIN * z)
+
+
+def mark(weights: Dict[str, jax.Array], lr: jax.Array, scale: int, strength: float) -> jax.Array:
+    """The mark added to the SR output of `lr`: (N, h*s, w*s, 3), `strength`/255 at most, the same
+    on every channel (a luminance change), upsampled smoothly so JPEG keeps most of it."""
+    field = mark_field(weights, lr)
+    n, h, w, _ = field.shape
+    field = jax.image.resize(field, (n, h * scale, w * scale, 1), 'linear')
+    return (strength / 255.0) * jnp.broadcast_to(field, (n, h * scale, w * scale, 3))
+
+
+class Watermarked(nn.Module):
+    """`net`'s SR output plus the mark of key `seed`. The wrapper shares `net`'s scope, so its
+    parameters are exactly the unmarked model's (restore and export see the same tree)."""
+
+    net: nn.Module
+    seed: int
+    strength: float
+    scale: int
+
+    def setup(self):
+        nn.share_scope(self, self.net)
+
+    def __call__(self, x, **kwargs):
+        out = self.net(x, **kwargs)
+        sr = out[0] if isinstance(out, tuple) else out
+        marked = jnp.clip(sr + mark(mark_weights(self.seed), x, self.scale, self.strength), 0, 1)
+        return (marked, *out[1:]) if isinstance(out, tuple) else marked
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification.
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    statistic: float  # the owner key's projection on the suspect's residual (1/255 scale)
+    z: float  # (statistic - null mean) / null std: how many null deviations above chance
+    p_value: float  # rank p-value, (1 + #{null >= statistic}) / (1 + null_keys)
+    null_keys: int
+    alpha: float
+    inherited: float  # statistic / a perfect copy's: the fraction of the mark the suspect carries
+
+    @property
+    def derived(self) -> bool:
+        return self.p_value <= self.alpha
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(dataclasses.asdict(self), derived=self.derived)
+
+
+def null_seeds(owner_seed: int, count: int) -> np.ndarray:
+    """`count` seeds other than the owner's, the same for every verification of that owner."""
+    rng = np.random.default_rng([owner_seed, 0x5EED])
+    seeds = rng.choice(2**31 - 1, size=count + 1, replace=False).astype(np.int64)
+    return seeds[seeds != owner_seed][:count]
+
+
+def luma(x) -> jax.Array:
+    y = jnp.tensordot(jnp.asarray(x, jnp.float32), jnp.asarray(_LUMA), axes=[[-1], [0]])
+    return y[..., None]
+
+
+def generic_basis(probes: np.ndarray, border: int = BORDER) -> jax.Array:
+    """Per probe, an orthonormal basis (N, h*w, F) of what any SR model's residual is made of:
+    a constant, the LR high-pass at each offset of a 7x7 window (the linear, sharpening part) and
+    its square at each offset of a 3x3 window (edge energy). Projecting it out of residuals and
+    marks alike removes most of a model's own behaviour and keeps what is specific to a key; it
+    depends on the probes only, never on a key, so the rank test stays exact."""
+    hp = np.asarray(high_pass(jnp.asarray(probes)))[..., 0]
+    feats = [np.ones_like(hp)]
+    feats += [np.roll(hp, (dy, dx), (1, 2)) for dy in range(-3, 4) for dx in range(-3, 4)]
+    feats += [np.roll(hp, (dy, dx), (1, 2)) ** 2 for dy in range(-1, 2) for dx in range(-1, 2)]
+    g = np.stack(feats, -1) * _inside(probes.shape[1:3], border)[None, ..., None]
+    n, h, w, f = g.shape
+    return jnp.asarray(np.linalg.qr(g.reshape(n, h * w, f))[0])
+
+
+def _inside(shape, border: int) -> np.ndarray:
+    """1 inside, 0 within `border` pixels of an edge (padding and tiling differ there)."""
+    m = np.zeros(shape, np.float32)
+    m[border : shape[0] - border, border : shape[1] - border] = 1
+    return m
+
+
+def to_lr(residuals_y: jax.Array, lr_hw) -> jax.Array:
+    """The adjoint of the mark's linear upsampling, (..., H, W, 1) -> (..., h, w): a residual's
+    inner product with an upsampled mark equals this one's with the LR mark field."""
+    hr_shape = residuals_y.shape
+    lead = hr_shape[:-3]
+    up = lambda f: jax.image.resize(f, (*lead, *hr_shape[-3:]), 'linear')  # noqa: E731
+    (down,) = jax.linear_transpose(up, jnp.zeros((*lead, *lr_hw, 1), jnp.float32))(residuals_y)
+    return down[..., 0]
+
+
+@jax.jit
+def _scores(seeds, probes, basis, residuals_lr):
+    """(keys, suspects) projections of each residual on each key's mark, both with the generic
+    basis projected out (detect_many divides by a perfect copy's to get the fraction)."""
+    n, h, w, _ = probes.shape
+    inside = jnp.asarray(_inside((h, w), BORDER))
+    r = (residuals_lr * inside).reshape(residuals_lr.shape[0], n, h * w)
+    r = r - jnp.einsum('npf,snf->snp', basis, jnp.einsum('npf,snp->snf', basis, r))
+
+    def one(seed):
+        field = (mark_field(mark_weights(seed), probes)[..., 0] * inside).reshape(n, h * w)
+        field = field - jnp.einsum('npf,nf->np', basis, jnp.einsum('npf,np->nf', basis, field))
+        return jnp.einsum('snp,np->s', r, field) / jnp.maximum(jnp.sum(field * field), 1e-12)
+
+    return jax.lax.map(one, seeds, batch_size=8)
+
+
+def detect_many(
+    suspects: Sequence[np.ndarray],
+    reference: np.ndarray,
+    probes: np.ndarray,
+    seed: int,
+    strength: float,
+    null_keys: int = 999,
+    alpha: float = 1e-3,
+) -> List[Decision]:
+    """For each suspect (its outputs on `probes`: (N, h*s, w*s, 3) floats in [0, 1]): is it
+    derived from the model marked with key `seed`? `reference` is the owner's clean model on the
+    same probes ((N, h, w, 3) LR). The null keys are shared, so many suspects cost one pass.
+    """
+    probes = np.asarray(probes, np.float32)
+    reference = np.asarray(reference, np.float32)
+    scale = reference.shape[1] // probes.shape[1]
+    for s in suspects:
+        if np.shape(s) != reference.shape:
+            raise ValueError(
+                f'suspect outputs have shape {np.shape(s)}; the probes need {reference.shape} '
+                f'({len(probes)} probes of {probes.shape[1]}x{probes.shape[2]} LR pixels, x{scale})'
+            )
+    # The last row is a perfect copy (the exact mark, unquantised): the scale of "all of it".
+    copy = np.asarray(mark(mark_weights(seed), jnp.asarray(probes), scale, strength))
+    stacked = np.stack([np.asarray(s, np.float32) - reference for s in suspects] + [copy])
+    residuals = luma(stacked)
+    # On Y the mark (added to R, G and B alike) is sum(_LUMA) * strength/255 times the field.
+    unit = float(_LUMA.sum()) / 255.0 * scale**2
+    residuals_lr = to_lr(residuals, probes.shape[1:3]) / unit
+    seeds = np.concatenate([[seed], null_seeds(seed, null_keys)]).astype(np.uint32)
+    basis = generic_basis(probes)
+    stats = np.asarray(_scores(jnp.asarray(seeds), jnp.asarray(probes), basis, residuals_lr))
+    stats = stats.astype(np.float64)
+    full = stats[0, -1]
+    decisions = []
+    for owner, null in zip(stats[0, :-1], stats[1:, :-1].T):
+        p = (1 + int(np.sum(null >= owner))) / (1 + len(null))
+        z = (owner - null.mean()) / max(null.std(), 1e-12)
+        decisions.append(Decision(float(owner), float(z), p, len(null), alpha, float(owner / full)))
+    return decisions
+
+
+def detect(
+    suspect: np.ndarray, reference, probes, seed: int, strength: float, **kwargs
+) -> Decision:
+    """`detect_many` for one suspect."""
+    return detect_many([suspect], reference, probes, seed, strength, **kwargs)[0]
