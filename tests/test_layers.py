@@ -11,10 +11,7 @@ PACKAGE = REPO / 'sr_purify'
 # Lowest first. A module is matched by its longest listed prefix (dotted, below sr_purify).
 LAYERS = (
     ('core', ('image_ops', 'registry', 'sharding', 'paths', 'checkpointing', 'reporting', 'perf')),
-    (
-        'models, attacks, data',
-        ('models', 'attacks', 'sr_data', 'classification_data', 'watermark'),
-    ),
+    ('models, attacks, data', ('models', 'attacks', 'sr_data', 'classification_data', 'watermark')),
     ('restore', ('restore',)),
     (
         'library',
