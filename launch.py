@@ -111,6 +111,13 @@ def missing_checkpoint(config, where: str = 'config') -> str:
 _RUN = {'workdir': None}  # Set by main, read by handle_error to place error.log.
 
 
+VERIFY_FLAGS = {
+    'checkpoint': 'the workdir of a student or teacher job',
+    'owner': 'the workdir of configs/watermark.py',
+    'suspect': "a model folder, or a folder of its outputs on the owner's probes",
+}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -130,6 +137,15 @@ def main(argv):
                 (f'--config.victim={victim!r} does not exist' if victim else 'no victim given')
                 + '; pass --config.victim=<a teacher or student workdir, or an export folder>'
             )
+    if config.trainer in ('watermark', 'verify'):  # Required folders, checked before TF loads.
+        flags = {'watermark': ('checkpoint',), 'verify': ('owner', 'suspect')}[config.trainer]
+        for flag in flags:
+            value = config[flag]
+            if not value or ('://' not in value and not os.path.exists(value)):
+                raise FileNotFoundError(
+                    (f'--config.{flag}={value!r} does not exist' if value else f'no {flag} given')
+                    + f'; pass --config.{flag}=<{VERIFY_FLAGS[flag]}>'
+                )
     if config.trainer == 'upscale':  # No images is an error at once, before TensorFlow loads.
         if not config.input:
             raise FileNotFoundError(
