@@ -32,6 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 ARCHS = ('edsr', 'imdn', 'fsrcnn')
 
+from bench.sr_robustness import cpu_line  # noqa: E402  (one CPU line for every bench table)
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -47,23 +49,6 @@ def parse_args():
     p.add_argument('--strength', type=float, default=3.0)
     p.add_argument('--null_keys', type=int, default=999)
     return p.parse_args()
-
-
-def cpu_line() -> str:
-    """The `lscpu` model name and whether the CPU has AVX-512 (avx512f)."""
-    model, flags = 'unknown CPU', ''
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(':')
-            if key.strip() == 'Model name':
-                model = value.strip()
-            elif key.strip() == 'Flags':
-                flags = value
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    avx512 = 'yes' if 'avx512f' in flags.split() else 'no'
-    return f'CPU: {model}, {os.cpu_count()} cores, avx512f: {avx512}'
 
 
 def launch(config: str, workdir: str, *flags: str) -> None:

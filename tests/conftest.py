@@ -66,3 +66,24 @@ class RecordingWriter:
 
     def losses(self):
         return {s: v['loss'] for s, v in sorted(self.scalars.items()) if 'loss' in v}
+
+
+def module_compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for one test module (use as an autouse module fixture):
+    programs the module jits again through fresh lambdas compile once; settings restored after."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    settings = {
+        'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
+        'jax_persistent_cache_min_compile_time_secs': 0.0,
+        'jax_persistent_cache_min_entry_size_bytes': 0,
+    }
+    before = {k: getattr(jax.config, k) for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
+    cache.reset_cache()
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+    cache.reset_cache()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, RecordingWriter, tiny_sr_config
+from conftest import REPO, RecordingWriter, module_compilation_cache, tiny_sr_config
 from PIL import Image
 
 from configs import extract as extract_config
@@ -24,21 +24,7 @@ TIMING = ('train_s', 'steps_per_sec')
 def compilation_cache(tmp_path_factory):
     """Both budgets and both job runs compile the same programs (the init alone takes 10 s on 2
     cores): a persistent compilation cache, for this module only, compiles each of them once."""
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    settings = {
-        'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
-        'jax_persistent_cache_min_compile_time_secs': 0.0,
-        'jax_persistent_cache_min_entry_size_bytes': 0,
-    }
-    before = {k: getattr(jax.config, k) for k in settings}
-    for k, v in settings.items():
-        jax.config.update(k, v)
-    cache.reset_cache()
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    cache.reset_cache()
+    yield from module_compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import skimage.data
-from conftest import tiny_sr_config
+from conftest import module_compilation_cache, tiny_sr_config
 from PIL import Image
 
 from configs import verify as verify_config
@@ -28,21 +28,7 @@ PROBE, SCALE = 24, 2  # 2 HR images of 96x96 -> LR 48x48 -> 8 probes of 24x24.
 def compilation_cache(tmp_path_factory):
     """The job, verification and restore jit the same tiny programs through fresh lambdas: a
     persistent compilation cache, for this module only, compiles each of them once."""
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    settings = {
-        'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
-        'jax_persistent_cache_min_compile_time_secs': 0.0,
-        'jax_persistent_cache_min_entry_size_bytes': 0,
-    }
-    before = {k: getattr(jax.config, k) for k in settings}
-    for k, v in settings.items():
-        jax.config.update(k, v)
-    cache.reset_cache()
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    cache.reset_cache()
+    yield from module_compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')
