@@ -140,7 +140,7 @@ def jpeg_compress(x: jax.Array, quality: int, mesh=None) -> jax.Array:
 
 def uses_host_callbacks(config: ml_collections.ConfigDict) -> bool:
     """True if a job config runs a purifier on the host (jpeg): see perf.reserve_callback_thread."""
-    entries = list(config.get('purifiers', None) or [])
+    entries = list(config.get('purifiers', None) or []) + list(config.get('denoisers', None) or [])
     if config.get('purifier', None) is not None:
         entries.append(config.purifier)
     return any(e.get('kind') in HOST_CALLBACK for e in entries)

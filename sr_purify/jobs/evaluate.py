@@ -4,7 +4,9 @@
 * 'attack': a trained classifier under every attack of `config.attacks`;
 * 'robustness': purifiers in front of a classifier under oblivious, adaptive and transfer attackers;
 * 'sr_robustness': bicubic and restored SR models under the attacks of Choi et al. 2019 (basic,
-  universal, teacher <-> student transfer), bare and behind each SR defence.
+  universal, teacher <-> student transfer), bare and behind each SR defence;
+* 'certify': randomized-smoothing certification of a classifier behind each denoiser (resumable
+  per-image CSVs), with an adaptive attack on the smoothed classifier as a sanity check.
 
 Each mode restores what it needs through `restore.load` (fail fast on settings and paths before
 any data loads), runs the library evaluator and writes its report into the workdir.
@@ -21,6 +23,8 @@ from sr_purify import attacks, purifiers, registry, reporting, restore, sharding
 from sr_purify import classification_data as cdata
 from sr_purify.evaluators import attacks as attack_eval
 from sr_purify.evaluators import (
+    certify,
+    certify_report,
     robustness,
     robustness_report,
     sr_defences,
@@ -29,7 +33,7 @@ from sr_purify.evaluators import (
 )
 from sr_purify.evaluators import sr as sr_eval
 
-MODES = ('sr', 'attack', 'robustness', 'sr_robustness')
+MODES = ('sr', 'attack', 'robustness', 'sr_robustness', 'certify')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -41,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         'attack': evaluate_attacks,
         'robustness': evaluate_robustness,
         'sr_robustness': evaluate_sr_robustness,
+        'certify': evaluate_certify,
     }[mode]
     return run(config, workdir)
 
@@ -103,18 +108,20 @@ def evaluate_attacks(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
 
 
 def purifier_rows(
-    entries: Sequence[ml_collections.ConfigDict], mesh, seed: int = 0
+    entries: Sequence[ml_collections.ConfigDict], mesh, seed: int = 0, field: str = 'purifiers'
 ) -> List[robustness.Row]:
-    """Purifier rows from `config.purifiers`: a trained job's export when `checkpoint` is set,
+    """Purifier rows from `config.<field>`: a trained job's export when `checkpoint` is set,
     else the kind itself (trainable kinds at their starting point, e.g. the distilled student)."""
     rows, seen = [], set()
-    for entry in entries:
+    for i, entry in enumerate(entries):
         label = entry.get('label', '') or entry.kind
         if label in seen:
             raise ValueError(f'two purifier rows are labelled {label!r}; set distinct labels')
         seen.add(label)
         if entry.get('checkpoint', ''):
-            purifier, params, saved, step = purifiers.restore(entry.checkpoint, mesh)
+            purifier, params, saved, step = purifiers.restore(
+                entry.checkpoint, mesh, flag=f'--config.{field}[{i}].checkpoint'
+            )
             if saved.kind != entry.kind:
                 raise ValueError(
                     f'purifier row {label!r} is {entry.kind!r} but {entry.checkpoint} '
@@ -247,5 +254,52 @@ def evaluate_sr_robustness(config: ml_collections.ConfigDict, workdir: str) -> D
         samples,
         title=f'SR robustness x{scale}: {", ".join(names)} (PSNR in dB, Y)',
         grid_crop=int(config.get('grid_crop', 48)),
+    )
+    return results
+
+
+def evaluate_certify(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Mode 'certify'. Returns the `certify` results section."""
+    certify.settings_from(config)  # Fail fast on settings, then checkpoints, then data.
+    classifier = _classifier(config.classifier, '--config.classifier.checkpoint')
+    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+    certify.settings_from(config, mesh)
+    rows = purifier_rows(config.denoisers, mesh, config.seed, field='denoisers')
+    split = _eval_split(config)
+    provenance = {
+        'classifier': {'checkpoint': config.classifier.checkpoint, 'step': classifier.step},
+        'data': split.source,
+    }
+    t0 = time.time()
+    module = classifier.module
+    results, per_image = certify.evaluate(
+        config,
+        lambda v, x: module.apply(v, x, train=False),
+        classifier.variables,
+        rows,
+        split.images,
+        split.labels,
+        mesh,
+        workdir,
+        provenance,
+    )
+    results.update(
+        classifier={
+            'checkpoint': config.classifier.checkpoint,
+            'step': classifier.step,
+            'model': config.classifier.model.to_dict(),
+        },
+        data=split.source,
+        wall_s=time.time() - t0,
+    )
+    certify_report.report(
+        workdir,
+        results,
+        per_image,
+        title=(
+            f'Certified accuracy (%) of the smoothed {config.classifier.model.name} '
+            f'({config.classifier.checkpoint}, step {classifier.step}) at L2 radii, '
+            f'{results["images"]} {config.data.eval_split} images, n = {config.n}'
+        ),
     )
     return results
