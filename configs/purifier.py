@@ -30,6 +30,17 @@ folder of LR images); loss L1(S(P(x + d)), S(x)) + identity * L1(P(x), x), d = t
     --config.sr_model.checkpoint=workdirs/student
 then `--config.defences="('input_purifier',)" --config.defence.input_purifier.checkpoint=
 workdirs/sr_purifier` in configs/evaluate.py:sr_robustness.
+`:denoiser` trains P as the Gaussian denoiser D of denoised smoothing (Salman et al. 2020) instead
+(`train_denoiser`): the NRP generator (`:denoiser,sr_resample` for the SR purifier) on the same
+unlabelled CIFAR-10 images, loss mean((D(x + n) - x)^2), n ~ N(0, sigma^2) unclipped, with x and
+sigma in the [0, 1] pixel range, sigma 0.25 (`:denoiser,sigma=0.5` for 0.5; several values,
+`--config.denoise.sigma="(0.25,0.5)"`, draw one per example):
+  python launch.py --config=configs/purifier.py:denoiser --workdir=workdirs/denoiser
+`:denoiser,stability` adds the stability loss, CE(C(D(x + n)), C's own prediction on the clean x)
+(still no data labels), on a frozen classifier C:
+  python launch.py --config=configs/purifier.py:denoiser,stability \
+    --workdir=workdirs/denoiser_stability --config.classifier.checkpoint=workdirs/classifier
+The workdir restores like any purifier's (`purifiers.restore`), to go in front of C.
 """
 
 import ml_collections
@@ -37,7 +48,7 @@ import ml_collections
 from configs import classifier, common
 from configs import student as student_config
 
-VARIANTS = ('cpu', 'full', 'nrp', 'sr_resample', 'sr_service', 'victim')
+VARIANTS = ('cpu', 'denoiser', 'full', 'nrp', 'sr_resample', 'sr_service', 'stability', 'victim')
 
 
 def feature_config(kind: str = 'random_cnn') -> ml_collections.ConfigDict:
@@ -107,12 +118,58 @@ def sr_service_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return c
 
 
+def denoiser_config(
+    c: ml_collections.ConfigDict, parts, sigma: float = 0.25
+) -> ml_collections.ConfigDict:
+    """`:denoiser`: P as the denoiser D of denoised smoothing; `:denoiser,stability` adds C.
+
+    No labels: the batches are `{'image'}`, the MSE target is x itself and the stability target
+    C's own prediction on x. No SSP and no feature extractor, so `perturb` and
+    `purifier.feature` are gone.
+    """
+    for other in ('sr_service', 'victim'):
+        if other in parts:
+            raise ValueError(f'config variants denoiser and {other} do not combine; pick one')
+    del c.perturb
+    del c.purifier.feature
+    c.denoise = ml_collections.ConfigDict(
+        dict(
+            # The noise std, in the images' [0, 1] range (0.25 = 63.75/255); several values:
+            # each example draws one of them uniformly.
+            sigma=(float(sigma),),
+            targets='hard',  # stability's targets: C(x)'s argmax ('hard') or softmax ('soft')
+        )
+    )
+    # C, frozen: a classifier job's workdir (architecture from its config.json). Needed by the
+    # stability loss; with gaussian_mse alone it only adds C's agreement to the report.
+    c.classifier = ml_collections.ConfigDict(dict(checkpoint=''))
+    c.loss = ml_collections.ConfigDict(
+        dict(gaussian_mse=1.0, stability=1.0 if 'stability' in parts else 0.0)
+    )
+    if 'full' not in parts:
+        c.total_steps = 1_000
+        c.log_every = 100
+        c.checkpoint_every = 500
+    return c
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    parts, _ = common.parse_variant(arg, VARIANTS)
+    parts, options = common.parse_variant(arg, VARIANTS, options=('sigma',))
+    if 'denoiser' not in parts and ('stability' in parts or 'sigma' in options):
+        raise ValueError(f'config variants stability and sigma= need denoiser: :denoiser,{arg}')
+    sigma = options.get('sigma', 0.25)
+    try:
+        sigma = float(sigma)
+    except ValueError:
+        raise ValueError(f'config setting sigma={sigma} is not a number (e.g. sigma=0.5)') from None
     c = common.base()
     c.trainer = 'purifier'
     c.role = 'purifier'
-    c.purifier = purifier_config('nrp' if 'nrp' in parts else 'sr_resample')
+    if 'denoiser' in parts:  # The same-size generator denoises; the SR purifier on request.
+        kind = 'sr_resample' if 'sr_resample' in parts else 'nrp'
+    else:
+        kind = 'nrp' if 'nrp' in parts else 'sr_resample'
+    c.purifier = purifier_config(kind)
     # How x' is made from each clean batch, inside the jitted step. Fractions of the batch
     # (normalised): SSP on F, PGD on F's own predictions (classifier F only), Gaussian noise.
     c.perturb = ml_collections.ConfigDict(
@@ -171,4 +228,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.purifier.nrp = dict(
             num_blocks=3, features=64, growth=32, num_dense=3, dense_layers=4, res_scale=0.2
         )
+    if 'denoiser' in parts:
+        denoiser_config(c, parts, sigma)
     return c

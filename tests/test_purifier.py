@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from conftest import RecordingWriter
 
+from configs import classifier as classifier_config
 from configs import evaluate as evaluate_config
 from configs import purifier as purifier_config
-from sr_purify import attacks, purifiers, sharding, training
+from sr_purify import attacks, losses, purifiers, sharding, training
 from sr_purify import classification_data as cdata
 from sr_purify.evaluators import robustness, robustness_checks, robustness_report
 from sr_purify.jobs import purifier as purifier_job
@@ -46,16 +47,44 @@ def smooth_images(rng, n, size):
 # The purifier job: no labels, loss falls, export restores.
 
 
-def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
+def block_image_folder(folder):
+    """Six 48x48 PNGs of piecewise-constant 4x4 blocks: sharp edges that bicubic resampling
+    blurs and SR can restore, flat areas that a denoiser can smooth."""
     from PIL import Image
 
-    folder = tmp_path / 'images'
     folder.mkdir()
-    # Piecewise-constant blocks: sharp edges that bicubic resampling blurs and SR can restore.
     blocks = np.random.default_rng(0).integers(0, 256, (6, 12, 12, 3)).astype(np.uint8)
     for i, im in enumerate(blocks.repeat(4, 1).repeat(4, 2)):
         Image.fromarray(im).save(folder / f'{i}.png')
+    return folder
 
+
+def check_no_labels(monkeypatch):
+    """Wraps training.fit so that every batch the job trains on, and every batch its loss is
+    traced with, is asserted to hold images only; returns the counts seen."""
+    seen = {'batches': 0, 'traced': 0}
+    real_fit = training.fit
+
+    def checking_fit(config, workdir, *, batches, loss_fn, **kwargs):
+        def no_label_batches(start):
+            for batch in batches(start):
+                assert set(batch) == {'image'}, f'the purifier pipeline gave {sorted(batch)}'
+                seen['batches'] += 1
+                yield batch
+
+        def no_label_loss(params, model_state, batch, rng, *frozen):
+            assert 'label' not in batch and set(batch) == {'image'}
+            seen['traced'] += 1
+            return loss_fn(params, model_state, batch, rng, *frozen)
+
+        return real_fit(config, workdir, batches=no_label_batches, loss_fn=no_label_loss, **kwargs)
+
+    monkeypatch.setattr(training, 'fit', checking_fit)
+    return seen
+
+
+def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
+    folder = block_image_folder(tmp_path / 'images')
     c = purifier_config.get_config()
     c.purifier = tiny_purifier_cfg('sr_resample')
     # Without the bicubic skip the random student starts far from the images, so 24 steps of a
@@ -75,24 +104,7 @@ def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
     c.optim.lr = 3e-3
     c.grid_samples = 2
 
-    seen = {'batches': 0, 'traced': 0}
-    real_fit = training.fit
-
-    def checking_fit(config, workdir, *, batches, loss_fn, **kwargs):
-        def no_label_batches(start):
-            for batch in batches(start):
-                assert set(batch) == {'image'}, f'the purifier pipeline gave {sorted(batch)}'
-                seen['batches'] += 1
-                yield batch
-
-        def no_label_loss(params, model_state, batch, rng, *frozen):
-            assert 'label' not in batch and set(batch) == {'image'}
-            seen['traced'] += 1
-            return loss_fn(params, model_state, batch, rng, *frozen)
-
-        return real_fit(config, workdir, batches=no_label_batches, loss_fn=no_label_loss, **kwargs)
-
-    monkeypatch.setattr(training, 'fit', checking_fit)
+    seen = check_no_labels(monkeypatch)
     writer = RecordingWriter()
     workdir = str(tmp_path / 'work')
     result = purifier_job.train_and_evaluate(c, workdir, writer=writer)
@@ -143,6 +155,267 @@ def test_victim_recipe_is_label_free_and_asks_for_the_victim():
     assert (c.purifier.feature.kind, c.purifier.feature.layer) == ('classifier', 'stage_3')
     with pytest.raises(FileNotFoundError, match='--config.purifier.feature.checkpoint'):
         purifiers.build_feature(c.purifier.feature)
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoiser of denoised smoothing (configs/purifier.py:denoiser): exact objectives, no labels.
+
+
+def uniform_images(seed, shape=(4, 8, 8, 3)):
+    return jnp.asarray(np.random.default_rng(seed).uniform(0.0, 1.0, shape), jnp.float32)
+
+
+def gaussian_mse(denoise, x, key, sigma):
+    return float(losses.denoiser_terms(denoise, x, key, sigma)['gaussian_mse'])
+
+
+def stability(classify, params, denoise, x, key, sigma, targets):
+    terms = losses.denoiser_terms(denoise, x, key, sigma, (classify, params), targets)
+    return terms['stability']
+
+
+def test_gaussian_mse_exact_values():
+    x = uniform_images(0)
+    key = jax.random.key(3)
+    identity = lambda z: z
+    assert gaussian_mse(identity, x, key, 0.0) == 0.0
+    # By hand from the same key: n = sigma * normal(key, x.shape), not clipped.
+    n = 0.25 * np.asarray(jax.random.normal(key, x.shape), np.float64)
+    xs = np.asarray(x, np.float64)
+    np.testing.assert_allclose(gaussian_mse(identity, x, key, 0.25), np.mean(n**2), rtol=1e-5)
+    half = lambda z: 0.5 * z
+    np.testing.assert_allclose(
+        gaussian_mse(half, x, key, 0.25), np.mean((0.5 * (xs + n) - xs) ** 2), rtol=1e-5
+    )
+    assert float(jnp.max(losses.add_gaussian_noise(x, key, 0.25))) > 1.0  # Unclipped.
+    # A 1-tuple is the single value; several values: one per example, uniformly.
+    np.testing.assert_array_equal(
+        losses.add_gaussian_noise(x, key, (0.25,)), losses.add_gaussian_noise(x, key, 0.25)
+    )
+    k_pick, k_noise = jax.random.split(key)
+    pick = np.asarray(jax.random.randint(k_pick, (4,), 0, 2))
+    std = np.asarray([0.0, 0.5])[pick][:, None, None, None]
+    hand = xs + std * np.asarray(jax.random.normal(k_noise, x.shape))
+    noisy = np.asarray(losses.add_gaussian_noise(x, key, (0.0, 0.5)))
+    np.testing.assert_allclose(noisy, hand, atol=1e-6)
+    clean = np.all(noisy == np.asarray(x), axis=(1, 2, 3))
+    assert 0 < clean.sum() < 4 and np.array_equal(clean, pick == 0)
+    for bad in (-0.1, (), (0.25, float('nan'))):
+        with pytest.raises(ValueError, match='the noise sigma must be one or more finite'):
+            losses.add_gaussian_noise(x, key, bad)
+
+
+def test_stability_exact_values():
+    x = uniform_images(2)
+    key = jax.random.key(4)
+    identity = lambda z: z
+    # C with constant logits log(1), log(3): softmax (1/4, 3/4), argmax class 1.
+    constant = lambda p, z: jnp.broadcast_to(p['b'], (z.shape[0], 2))
+    cp = {'b': jnp.log(jnp.asarray([1.0, 3.0]))}
+    ce = lambda targets: float(stability(constant, cp, identity, x, key, 0.25, targets))
+    np.testing.assert_allclose(ce('hard'), -np.log(0.75), rtol=1e-6)
+    np.testing.assert_allclose(ce('soft'), -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rtol=1e-6)
+    # A linear C on the noisy images against its own prediction on the clean ones, by hand.
+    w = np.random.default_rng(5).normal(0, 0.1, (8 * 8 * 3, 3))
+    linear = lambda p, z: z.reshape(z.shape[0], -1) @ p['w']
+    lp = {'w': jnp.asarray(w, jnp.float32)}
+    xs = np.asarray(x, np.float64).reshape(4, -1)
+    n = 0.25 * np.asarray(jax.random.normal(key, x.shape), np.float64).reshape(4, -1)
+
+    def hand_ce(logits, targets):
+        log_p = logits - logits.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        return np.mean(-np.sum(targets * log_p, -1))
+
+    clean_logits = xs @ w
+    hard = np.eye(3)[clean_logits.argmax(-1)]
+    soft = np.exp(clean_logits) / np.exp(clean_logits).sum(-1, keepdims=True)
+    for targets, t in (('hard', hard), ('soft', soft)):
+        for sigma, noise in ((0.0, 0.0), (0.25, n)):
+            np.testing.assert_allclose(
+                float(stability(linear, lp, identity, x, key, sigma, targets)),
+                hand_ce((xs + noise) @ w, t),
+                rtol=1e-5,
+                err_msg=f'{targets} sigma {sigma}',
+            )
+    # clip=True: C sees D's output clipped to [0, 1].
+    clipped = losses.denoiser_terms(identity, x, key, 0.25, (linear, lp), 'hard', clip=True)
+    np.testing.assert_allclose(
+        float(clipped['stability']), hand_ce(np.clip(xs + n, 0, 1) @ w, hard), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"^unknown stability target 'argmax'; valid: hard, soft$"):
+        stability(linear, lp, identity, x, key, 0.25, 'argmax')
+
+
+def tiny_denoiser_config(arg='denoiser,stability', kind='nrp') -> ml_collections.ConfigDict:
+    c = purifier_config.get_config(arg + (',sr_resample' if kind == 'sr_resample' else ''))
+    tiny = tiny_purifier_cfg(kind)
+    c.purifier.nrp, c.purifier.student = tiny.nrp, tiny.student
+    c.classifier.checkpoint = 'unused'  # The tests hand the classifier to the loss directly.
+    c.batch_size = 8
+    return c
+
+
+def linear_classifier_16(seed=6, classes=3):
+    w = np.random.default_rng(seed).normal(0, 0.05, (16 * 16 * 3, classes)).astype(np.float32)
+    return (lambda v, z: z.reshape(z.shape[0], -1) @ v['w']), {'w': jnp.asarray(w)}
+
+
+def test_denoiser_loss_value_and_gradients_reach_d_not_c():
+    classify, cv = linear_classifier_16()
+    batch = {'image': uniform_images(7, (8, 16, 16, 3))}
+    rng = jax.random.key(8)
+    # Any trainable kind is a denoiser: the loss builds for each (traced only; each kind's
+    # forward and backward are test_each_kind_runs_forward_and_backward's).
+    for kind in sorted(purifiers.TRAINABLE - {'nrp'}):
+        c = tiny_denoiser_config(kind=kind)
+        p = purifiers.build(c.purifier)
+        loss_fn = purifier_job.make_denoiser_loss_fn(p, classify, c)
+        total, _ = jax.eval_shape(loss_fn, p.abstract_params(), {}, batch, rng, cv)
+        assert total.shape == () and total.dtype == jnp.float32
+    c = tiny_denoiser_config(kind='nrp')
+    p = purifiers.build(c.purifier)
+    params = p.init(jax.random.key(0))
+    loss_fn = purifier_job.make_denoiser_loss_fn(p, classify, c)
+    (total, (_, metrics)), (g_d, g_c) = jax.jit(
+        jax.value_and_grad(lambda q, v: loss_fn(q, {}, batch, rng, v), argnums=(0, 1), has_aux=True)
+    )(params, cv)
+    mse, stab = float(metrics['loss/gaussian_mse']), float(metrics['loss/stability'])
+    np.testing.assert_allclose(float(total), mse + stab, rtol=1e-6)
+    # The NRP generator starts as the identity: the MSE is the noise's, and the stability CE is
+    # the classifier's on the noisy images (clipped to [0, 1], as purify gives them), by hand.
+    k_noise, _ = jax.random.split(rng)
+    x = np.asarray(batch['image'], np.float64)
+    n = 0.25 * np.asarray(jax.random.normal(k_noise, x.shape), np.float64)
+    np.testing.assert_allclose(mse, np.mean(n**2), rtol=1e-4)
+    w = np.asarray(cv['w'], np.float64)
+    logits = np.clip(x + n, 0, 1).reshape(8, -1) @ w
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    pseudo = (x.reshape(8, -1) @ w).argmax(-1)
+    np.testing.assert_allclose(stab, -np.mean(log_p[np.arange(8), pseudo]), rtol=1e-4)
+    # Gradients reach D (through C) but not C.
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_d))
+    assert float(jnp.abs(g_d['tail_1']['kernel']).sum()) > 0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_c))
+
+
+@pytest.mark.parametrize('targets', sorted(losses.STABILITY_TARGETS))
+def test_stability_gradient_reaches_d_through_c_but_not_c(targets):
+    x = uniform_images(9, (4, 16, 16, 3))
+    classify, cv = linear_classifier_16()
+    key = jax.random.key(1)
+
+    def objective(a, v):  # D(z) = a * z: one denoiser parameter.
+        return stability(classify, v, lambda z: a * z, x, key, 0.25, targets)
+
+    g_d, g_c = jax.grad(objective, argnums=(0, 1))(jnp.float32(0.9), cv)
+    assert np.isfinite(float(g_d)) and float(g_d) != 0.0  # Through C into D.
+    assert float(jnp.abs(g_c['w']).max()) == 0.0  # C's parameters are frozen.
+    # Without the freeze the same cross-entropy would move C: the zero above is the freeze's.
+    noisy = 0.9 * losses.add_gaussian_noise(x, key, 0.25)
+    target = losses.STABILITY_TARGETS[targets](classify(cv, x))
+    g_free = jax.grad(lambda v: losses.cross_entropy(classify(v, noisy), target))(cv)
+    assert float(jnp.abs(g_free['w']).max()) > 0
+
+
+def test_denoiser_configs_and_their_errors():
+    c = purifier_config.get_config('denoiser')
+    assert purifier_job.check_denoiser_config(c) == {'gaussian_mse': 1.0}
+    assert c.purifier.kind == 'nrp' and tuple(c.denoise.sigma) == (0.25,)
+    assert 'perturb' not in c and 'feature' not in c.purifier
+    assert tuple(purifier_config.get_config('denoiser,sigma=0.5').denoise.sigma) == (0.5,)
+    assert purifier_config.get_config('denoiser,sr_resample').purifier.kind == 'sr_resample'
+    c = purifier_config.get_config('denoiser,stability')
+    with pytest.raises(ValueError, match='stability loss needs --config.classifier.checkpoint='):
+        purifier_job.check_denoiser_config(c)
+    c.classifier.checkpoint = 'workdirs/classifier'
+    assert purifier_job.check_denoiser_config(c) == {'gaussian_mse': 1.0, 'stability': 1.0}
+    c.loss = ml_collections.ConfigDict(dict(gaussian_mse=1.0, mse=1.0))
+    with pytest.raises(
+        ValueError, match=r"^unknown denoiser loss 'mse'; valid: gaussian_mse, stability$"
+    ):
+        purifier_job.check_denoiser_config(c)
+    c = purifier_config.get_config('denoiser')
+    c.denoise.sigma = (0.25, 0.0)
+    with pytest.raises(ValueError, match='denoise.sigma must be > 0'):
+        purifier_job.check_denoiser_config(c)
+    c = purifier_config.get_config()  # SSP training: the denoiser's losses say where they are.
+    c.loss.gaussian_mse = 1.0
+    with pytest.raises(ValueError, match=r"'gaussian_mse'; valid: .*configs/purifier.py:denoiser"):
+        purifier_job.check_config(c)
+    with pytest.raises(ValueError, match='need denoiser: :denoiser,stability'):
+        purifier_config.get_config('stability')
+    with pytest.raises(ValueError, match='denoiser and victim do not combine'):
+        purifier_config.get_config('denoiser,victim')
+
+
+def test_denoiser_job_trains_without_labels_on_8_devices_and_restores(tmp_path, monkeypatch):
+    from sr_purify import checkpointing, models, reporting, restore
+
+    assert jax.device_count() == 8
+    # C: a random tiny small_cnn classifier's workdir (config.json and one checkpoint).
+    cdir = tmp_path / 'classifier'
+    cdir.mkdir()
+    cc = classifier_config.get_config('small_cnn')
+    cc.model = classifier_config.small_cnn(num_classes=3)
+    cc.model.features = 4
+    shapes = jax.eval_shape(
+        models.build(cc.model).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3))
+    )
+    rng = np.random.default_rng(0)  # numpy draws: no eager JAX init to compile.
+    cparams = jax.tree.map(
+        lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), shapes['params']
+    )
+    reporting.write_config(str(cdir), cc)
+    checkpointing.export_params(str(cdir / 'checkpoints'), 1, cparams)
+
+    c = tiny_denoiser_config()
+    c.classifier.checkpoint = str(cdir)
+    c.loss.stability = 0.1
+    c.data.source = 'folder'
+    c.data.path = str(block_image_folder(tmp_path / 'images'))
+    c.data.patch = 16
+    c.data.eval_images = 8
+    c.total_steps = 12
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.optim.schedule = 'constant'
+    c.optim.warmup_steps = 0
+    c.optim.lr = 3e-3
+    c.grid_samples = 2
+    seen = check_no_labels(monkeypatch)
+    writer = RecordingWriter()
+    workdir = str(tmp_path / 'work')
+    result = purifier_job.train_and_evaluate(c, workdir, writer=writer)
+    assert result.step == 12 and seen['batches'] >= 12 and seen['traced'] >= 1
+
+    steps = sorted(s for s, v in writer.scalars.items() if 'loss/gaussian_mse' in v)
+    mse = [writer.scalars[s]['loss/gaussian_mse'] for s in steps]
+    total = list(writer.losses().values())
+    assert len(mse) == 12 and len(total) == 12 and all(np.isfinite(total))
+    assert np.mean(mse[-3:]) < 0.85 * np.mean(mse[:3]), mse
+    assert np.mean(total[-3:]) < np.mean(total[:3]), total
+    # C is frozen outside the state: the state holds D's parameters only.
+    d_shapes = purifiers.build(c.purifier).abstract_params()
+    assert jax.tree.structure(result.state.params) == jax.tree.structure(d_shapes)
+
+    with open(os.path.join(workdir, 'results.json')) as f:
+        summary = json.load(f)['purifier']
+    assert summary['labels_used'] is False and summary['objective'] == 'denoiser'
+    assert summary['sigma'] == [0.25] and summary['loss'] == {'gaussian_mse': 1.0, 'stability': 0.1}
+    start, trained = summary['start'], summary['trained']
+    assert trained['sigma_0.25/psnr_denoised'] > start['sigma_0.25/psnr_denoised'] + 0.5
+    assert {'sigma_0.25/agree_denoised', 'agree_clean_through_d'} <= set(trained)
+    assert os.path.exists(os.path.join(workdir, 'purifier_grid.png'))
+    # The workdir restores like any purifier's, ready to go in front of C.
+    d, params, cfg, step = purifiers.restore(workdir)
+    assert d.kind == 'nrp' and step == 12 and not d.random
+    assert restore.load(workdir, 'purifier').kind == 'purifier'
+    for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(sharding.to_host(result.state.params))
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------

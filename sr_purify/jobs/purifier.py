@@ -16,6 +16,13 @@ A config with `sr_model` (configs/purifier.py:sr_service) trains the SR service'
 instead (`train_sr_service`): P in front of a frozen SR model S, on unlabelled LR images only (no
 HR), minimising sr * L1(S(P(x + d)), S(x)) + identity * L1(P(x), x) with d the SR attack on S;
 evaluators/sr_defences.py's `input_purifier` runs S(P(x)) with the export.
+
+A config with `denoise` (configs/purifier.py:denoiser) trains P as the denoiser D of denoised
+smoothing (Salman et al. 2020) instead (`train_denoiser`): on the same unlabelled `{'image'}`
+batches, x + n with n ~ N(0, sigma^2) unclipped (x and sigma in [0, 1]), minimising
+gaussian_mse * mean((D(x + n) - x)^2) + stability * CE(C(D(x + n)), C(x)'s own prediction), C a
+frozen classifier (losses.py). The export is the same <workdir>/purifier, so `purifiers.restore`
+puts D in front of the classifier.
 """
 
 import itertools
@@ -30,8 +37,10 @@ import numpy as np
 from sr_purify import (
     attacks,
     checkpointing,
+    losses,
     paths,
     purifiers,
+    registry,
     reporting,
     restore,
     sharding,
@@ -41,6 +50,7 @@ from sr_purify import (
 PyTree = Any
 DATA_SOURCES = ('cifar', 'folder', 'embedded')
 LOSS_TERMS = ('pixel', 'feature', 'identity')
+DENOISER_LOSS_TERMS = ('gaussian_mse', 'stability')  # configs/purifier.py:denoiser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,20 +187,34 @@ def image_batches(
 # The loss.
 
 
-def check_config(config: ml_collections.ConfigDict) -> Dict[str, float]:
-    """Active loss weights; fails on a kind with nothing to train or a bad mix, before any work."""
-    kind = config.purifier.kind
+def _check_trainable(kind: str, hint: str = '') -> str:
+    """`kind` if it is a purifier kind with parameters; else one line naming the valid ones."""
     purifiers._check_kind(kind)
     if kind not in purifiers.TRAINABLE:
         raise ValueError(
             f'purifier kind {kind!r} has no parameters to train; valid: '
-            f'{", ".join(sorted(purifiers.TRAINABLE))} (evaluate {kind!r} directly '
-            f'with configs/evaluate.py:robustness)'
+            f'{", ".join(sorted(purifiers.TRAINABLE))}{hint}'
         )
+    return kind
+
+
+def check_config(config: ml_collections.ConfigDict) -> Dict[str, float]:
+    """Active loss weights; fails on a kind with nothing to train or a bad mix, before any work."""
+    _check_trainable(
+        config.purifier.kind,
+        f' (evaluate {config.purifier.kind!r} directly with configs/evaluate.py:robustness)',
+    )
     weights = dict(config.loss)
     unknown = sorted(set(weights) - set(LOSS_TERMS))
     if unknown:
-        raise ValueError(f'unknown purifier loss {unknown[0]!r}; valid: {", ".join(LOSS_TERMS)}')
+        hint = (
+            ' (gaussian_mse and stability train a denoiser: configs/purifier.py:denoiser)'
+            if unknown[0] in DENOISER_LOSS_TERMS
+            else ''
+        )
+        raise ValueError(
+            f'unknown purifier loss {unknown[0]!r}; valid: {", ".join(LOSS_TERMS)}{hint}'
+        )
     if any(w < 0 for w in weights.values()) or not weights.get('pixel', 0) + weights.get(
         'feature', 0
     ):
@@ -376,6 +400,8 @@ def train_and_evaluate(
     """Trains P with no labels, exports it, reports; `writer` replaces the clu writer."""
     if config.get('sr_model', None) is not None:
         return train_sr_service(config, workdir, writer)
+    if config.get('denoise', None) is not None:
+        return train_denoiser(config, workdir, writer)
     check_config(config)
     reporting.check_workdir(workdir)
     purifier = purifiers.build(config.purifier)
@@ -503,12 +529,7 @@ def check_sr_service_config(config: ml_collections.ConfigDict) -> Dict[str, floa
             'the SR-service purifier needs --config.sr_model.checkpoint=<a teacher or student '
             'workdir> (the frozen SR model S it protects)'
         )
-    kind = purifiers._check_kind(config.purifier.kind)
-    if kind not in purifiers.TRAINABLE:
-        raise ValueError(
-            f'purifier kind {kind!r} has no parameters to train; valid: '
-            f'{", ".join(sorted(purifiers.TRAINABLE))}'
-        )
+    _check_trainable(config.purifier.kind)
     weights = dict(config.loss)
     unknown = sorted(set(weights) - set(SR_LOSS_TERMS))
     if unknown:
@@ -713,6 +734,230 @@ def train_sr_service(
     )
     reporting.write_text(
         workdir, 'purifier_table.md', f'# {title}\n\n{table}\n\nPurifier parameters: {export_dir}'
+    )
+    log.flush()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoiser of denoised smoothing (configs/purifier.py:denoiser): Gaussian noise, no labels.
+
+
+def check_denoiser_config(config: ml_collections.ConfigDict) -> Dict[str, float]:
+    """Active loss weights of the denoiser; fails on a bad config before any work."""
+    _check_trainable(config.purifier.kind)
+    weights = dict(config.loss)
+    for name in weights:
+        registry.lookup({k: k for k in DENOISER_LOSS_TERMS}, name, 'denoiser loss')
+    if any(w < 0 for w in weights.values()) or not sum(weights.values()):
+        raise ValueError(f'denoiser loss weights must be >= 0, not all 0; got {weights}')
+    sigma = losses.sigma_values(config.denoise.sigma)
+    if min(sigma) <= 0:
+        raise ValueError(f'denoise.sigma must be > 0 (in the [0, 1] pixel range); got {sigma}')
+    registry.lookup(losses.STABILITY_TARGETS, config.denoise.targets, 'stability target')
+    if weights.get('stability', 0) and not config.classifier.get('checkpoint', ''):
+        raise ValueError(
+            'the stability loss needs --config.classifier.checkpoint=<a classifier job workdir> '
+            '(the frozen classifier C whose own predictions are its targets)'
+        )
+    return {k: float(w) for k, w in weights.items() if w}
+
+
+def make_denoiser_loss_fn(
+    purifier: purifiers.Purifier, classify, config: ml_collections.ConfigDict
+):
+    """`loss_fn(params, model_state, batch, rng[, classifier_variables])` for `training.fit`.
+
+    gaussian_mse * mean((D(x + n) - x)^2) + stability * CE(C(D(x + n)), C(x)), from one pass of D
+    (`losses.denoiser_terms`). The MSE sees the unclipped network output, the classifier what it
+    is given at certification (`purifier.purify`, clipped to [0, 1]). `classify(variables, x)` is
+    C (None when only gaussian_mse is on); its variables come as `fit`'s frozen argument.
+    """
+    weights = check_denoiser_config(config)
+    if 'stability' in weights and classify is None:
+        raise ValueError('the stability loss needs the classifier C (config.classifier)')
+    sigma = losses.sigma_values(config.denoise.sigma)
+
+    def loss_fn(params, model_state, batch, rng, *frozen):
+        x = batch['image']
+        k_noise, k_input = jax.random.split(rng)
+        terms = losses.denoiser_terms(
+            lambda z: purifier.raw(params, purifier.add_noise(z, k_input)),
+            x,
+            k_noise,
+            sigma,
+            classifier=(classify, frozen[0]) if 'stability' in weights else None,
+            targets=config.denoise.targets,
+            clip=purifier.clip,
+        )
+        total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+        return total, (model_state, {f'loss/{k}': v for k, v in terms.items()})
+
+    return loss_fn
+
+
+def make_denoiser_report(
+    purifier: purifiers.Purifier, classify, config: ml_collections.ConfigDict, images: np.ndarray
+):
+    """`(params, classifier_variables) -> (metrics, samples)` on held-out images, fixed noise.
+
+    Per sigma: PSNR of x + n and of D(x + n) against x; with a classifier C, how often C(x + n)
+    and C(D(x + n)) agree with C(x) (label-free). Samples: (x + n, D(x + n), D(x)) at the first
+    sigma.
+    """
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    sigmas = losses.sigma_values(config.denoise.sigma)
+    key = jax.random.key(config.seed + 1)
+
+    @jax.jit
+    def measure(params, cvars):
+        k_input = jax.random.fold_in(key, 0)
+        clean = purifier.purify(params, x, k_input)
+        metrics = {'psnr_clean_through_d': psnr(clean, x)}
+        if classify is not None:
+            pred = jnp.argmax(classify(cvars, x), axis=-1)
+            agree = lambda z: jnp.mean(jnp.argmax(classify(cvars, z), axis=-1) == pred)
+            metrics['agree_clean_through_d'] = agree(clean)
+        for i, s in enumerate(sigmas):
+            noisy = losses.add_gaussian_noise(x, jax.random.fold_in(key, i + 1), s)
+            denoised = purifier.purify(params, noisy, k_input)
+            m = {'psnr_noisy': psnr(noisy, x), 'psnr_denoised': psnr(denoised, x)}
+            if classify is not None:
+                m.update(agree_noisy=agree(noisy), agree_denoised=agree(denoised))
+            metrics.update({f'sigma_{s:g}/{k}': v for k, v in m.items()})
+            if i == 0:
+                samples = (noisy, denoised, clean)
+        return metrics, samples
+
+    def report(params, cvars):
+        metrics, samples = measure(params, cvars)
+        return {k: float(v) for k, v in metrics.items()}, jax.device_get(samples)
+
+    return report
+
+
+def train_denoiser(
+    config: ml_collections.ConfigDict, workdir: str, writer=None
+) -> training.FitResult:
+    """Trains P as the denoiser D with no labels; exports it to <workdir>/purifier; reports."""
+    weights = check_denoiser_config(config)
+    reporting.check_workdir(workdir)
+    classify, cvars, c_source = None, {}, ''
+    if config.classifier.get('checkpoint', ''):
+        restored = restore.load(
+            config.classifier.checkpoint, 'classifier', flag='--config.classifier.checkpoint'
+        )
+        module, cvars = restored.module, restored.variables
+        classify = lambda v, images: module.apply(v, images, train=False)
+        c_source = (
+            f'{restored.model_config.name} {config.classifier.checkpoint} step {restored.step}'
+        )
+    purifier = purifiers.build(config.purifier)
+    bank, held, source = load_images(config)
+    start = purifiers.initial_params(purifier, config.purifier, jax.random.key(config.seed))
+    reporting.write_config(workdir, config)
+    sigmas = losses.sigma_values(config.denoise.sigma)
+    logging.info(
+        'denoiser %s: %d unlabelled training images from %s; sigma %s; loss %s; C = %s',
+        purifier.kind,
+        len(bank),
+        source,
+        sigmas,
+        weights,
+        c_source or 'none',
+    )
+    report = make_denoiser_report(purifier, classify, config, held)
+    log = _LossLog(writer or reporting.create_writer(workdir))
+    result = training.fit(
+        config,
+        workdir,
+        init_variables=lambda rng: (jax.tree.map(jnp.asarray, start), {}),
+        loss_fn=make_denoiser_loss_fn(purifier, classify, config),
+        batches=_train_batches(bank, config),
+        evaluate=lambda state, step: {
+            f'eval/{k}': v for k, v in report(sharding.to_host(state.params), cvars)[0].items()
+        },
+        # C's variables are frozen: a separate argument, in neither the state nor the checkpoints.
+        frozen=cvars if 'stability' in weights else None,
+        writer=log,
+    )
+    if result.preempted:
+        return result
+    params = sharding.to_host(result.state.params)
+    export_dir = checkpointing.export_params(paths.join(workdir, 'purifier'), result.step, params)
+    before, _ = report(start, cvars)
+    after, (noisy, denoised, clean) = report(params, cvars)
+    log.write_scalars(result.step, {f'eval/{k}': v for k, v in after.items()})
+
+    title = (
+        f'denoiser {purifier.kind} after {result.step} steps (no labels; loss '
+        f'{", ".join(f"{w:g} {k}" for k, w in weights.items())}), {len(held)} held-out images, '
+        f'n ~ N(0, sigma^2) in the [0, 1] range'
+    )
+    header = ['', 'sigma', 'PSNR x+n vs x', 'PSNR D(x+n) vs x', 'PSNR D(x) vs x']
+    if classify is not None:
+        header += ['C(x+n) = C(x)', 'C(D(x+n)) = C(x)']
+    rows = []
+    for name, m in (('start', before), ('trained', after)):
+        for s in sigmas:
+            row = [name, s, m[f'sigma_{s:g}/psnr_noisy'], m[f'sigma_{s:g}/psnr_denoised']]
+            row.append(m['psnr_clean_through_d'])
+            if classify is not None:
+                row += [m[f'sigma_{s:g}/agree_noisy'], m[f'sigma_{s:g}/agree_denoised']]
+            rows.append(row)
+    table = reporting.log_table(title, header, rows)
+    losses_seen = log.losses
+    reporting.update_results(
+        workdir,
+        'purifier',
+        {
+            'kind': purifier.kind,
+            'objective': 'denoiser',
+            'loss': weights,
+            'sigma': list(sigmas),
+            'stability_targets': config.denoise.targets,
+            'classifier': c_source,
+            'data': source,
+            'train_images': len(bank),
+            'labels_used': False,
+            'export': export_dir,
+            **_run_summary(result, losses_seen),
+            'start': before,
+            'trained': after,
+            'student_checkpoint': config.purifier.get('student_checkpoint', ''),
+        },
+    )
+    reporting.write_text(
+        workdir,
+        'purifier_table.md',
+        f'# {title}\n\n{table}\n\nGrid purifier_grid.png, one row per image (sigma '
+        f'{sigmas[0]:g}): clean | x+n | D(x+n) | D(x).\nDenoiser parameters: {export_dir}',
+    )
+    n = min(config.get('grid_samples', 6), len(held))
+    up = (held.shape[1] * 3, held.shape[2] * 3)
+    grid_rows = [
+        [
+            reporting.nearest_upscale(np.clip(t, 0.0, 1.0), up)
+            for t in (held[i].astype(np.float32) / 255.0, noisy[i], denoised[i], clean[i])
+        ]
+        for i in range(n)
+    ]
+    reporting.write_grid(
+        workdir,
+        'purifier_grid.png',
+        reporting.image_grid(grid_rows, labels=('clean', 'x+n', 'D(x+n)', 'D(x)')),
+        log,
+        result.step,
+    )
+    s = f'sigma_{sigmas[0]:g}'
+    logging.info(
+        'denoiser %s: PSNR of D(x+n) %.2f dB (x+n %.2f dB) at sigma %g, %.2f steps/s, %.0f s',
+        purifier.kind,
+        after[f'{s}/psnr_denoised'],
+        after[f'{s}/psnr_noisy'],
+        sigmas[0],
+        result.steps_per_sec,
+        result.wall_s,
     )
     log.flush()
     return result
