@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from sr_purify import attacks
+from sr_purify.attacks import wrappers
 
 NUM_CLASSES = 4
 SHAPE = (8, 8, 3)
@@ -340,6 +341,74 @@ def test_bpda_forward_is_forward_and_gradient_is_backward():
     )
     g = jax.jit(jax.grad(lambda v: jnp.sum(w * noisy_round(v, rng(0)))))(x)
     np.testing.assert_allclose(g, 2.0 * w)
+
+
+def test_bpda_gives_zero_gradient_to_float_int_and_key_arguments():
+    # Extra arguments of every kind (a float32 strength, an int quality, a PRNG key) get a zero
+    # cotangent of their own type, so jax.grad over them works and the image's gradient is the
+    # backward pass's; a bfloat16 backward (a cheaper approximation) still returns x's dtype.
+    x = jnp.array([0.2, 0.7, 1.4, -0.6])
+    w = jnp.array([1.0, 2.0, 3.0, 4.0])
+
+    def quantize(v, strength, quality, key):
+        return strength * jnp.round(v * quality) / quality + 0.0 * jax.random.uniform(key, v.shape)
+
+    stage = attacks.bpda(quantize, backward=lambda v, s, q, k: (3.0 * v).astype(jnp.bfloat16))
+    loss = lambda v, s: jnp.sum(w * stage(v, s, 4, rng(1)))
+    gx, gs = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, jnp.float32(2.0))
+    assert gx.dtype == x.dtype and gs.dtype == jnp.float32
+    np.testing.assert_allclose(gx, 3.0 * w)
+    assert float(gs) == 0.0
+    grads = jax.grad(lambda v, q: loss(v, 1.0) + 0 * q, argnums=(0, 1), allow_int=True)(x, 3)
+    assert grads[1].dtype == jax.dtypes.float0
+
+
+def test_bpda_backward_of_another_shape_is_a_clear_error():
+    stage = attacks.bpda(jnp.round, backward=lambda v: v[:2])
+    with pytest.raises(ValueError, match=r'^bpda: backward output shape \(2,\) differs from '):
+        jax.grad(lambda v: stage(v).sum())(jnp.ones(4))
+
+
+@pytest.mark.parametrize(
+    'lower, upper, unroll',
+    [(0, 3, 3), (20, 40, 20), (0, wrappers.MAX_UNROLL, wrappers.MAX_UNROLL), (0, 33, 1)],
+)
+def test_loops_up_to_max_unroll_trips_are_unrolled_longer_ones_rolled(lower, upper, unroll):
+    # CPU convolutions run several times slower inside a rolled loop (jax#12868); the attack
+    # loops rely on this rule. The scan's `unroll` is its trip count when fully unrolled.
+    body = lambda i, c: c * 1.01 + i
+    jaxpr = jax.make_jaxpr(lambda c: wrappers.loop(lower, upper, body, c))(1.0).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == 'scan']
+    assert (scan.params['length'], scan.params['unroll']) == (upper - lower, unroll)
+    expected = 1.0
+    for i in range(lower, upper):
+        expected = expected * 1.01 + i
+    assert float(wrappers.loop(lower, upper, body, 1.0)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_call_passes_params_input_and_key():
+    f = lambda p, x, k: p * x + jax.random.uniform(k, x.shape)
+    x, key = jnp.arange(3.0), rng(3)
+    got = wrappers.call(attacks.random_fn(f), 2.0, x, key)
+    np.testing.assert_array_equal(got, f(2.0, x, jax.random.split(key, 1)[0]))
+    np.testing.assert_array_equal(wrappers.call(lambda p, x: p * x, 2.0, x, key), 2.0 * x)
+
+
+def test_random_fn_wrappers():
+    f = lambda p, x, k: p * x + jax.random.uniform(k, x.shape)
+    x, key = jnp.ones(3), rng(2)
+    one = attacks.random_fn(f)
+    assert one.fn is f and one.samples == 1
+    five = attacks.eot(one, 5)
+    assert five.fn is f and five.samples == 5  # the draw function, not the 1-draw wrapper
+    assert attacks.random_fn(five) is five  # already random: kept with its draw count
+    # Calling a RandomFn averages the output over its draws, parameters included.
+    keys = jax.random.split(key, 5)
+    by_hand = jnp.mean(jnp.stack([f(2.0, x, k) for k in keys]), 0)
+    np.testing.assert_allclose(five(2.0, x, key), by_hand, rtol=1e-6)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf'^samples must be an int >= 1; got {bad!r}$'):
+            attacks.RandomFn(f, bad)
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,19 @@ def test_rgb_to_y_exact_pixels():
     np.testing.assert_array_equal(ops.rgb_to_y(gray), gray)
 
 
+def test_rgb_to_y_grayscale_and_channel_layouts():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    for img in (gray, gray[..., None]):  # HxW and HxWx1 are grayscale: Y is the value itself
+        y = ops.rgb_to_y(img)
+        assert y.dtype == np.float64 and y.shape == (3, 4)
+        np.testing.assert_array_equal(y, gray)
+    column = np.zeros((4, 1, 3))  # a one-pixel-wide RGB image is RGB, not grayscale
+    column[..., 1] = 255.0
+    np.testing.assert_allclose(ops.rgb_to_y(column), np.full((4, 1), 16.0 + 128.553))
+    with pytest.raises(ValueError, match=r'^expected 3 channels last, got shape \(2, 2, 4\)$'):
+        ops.rgb_to_y(np.zeros((2, 2, 4)))
+
+
 def test_modcrop_and_shave_shapes():
     img = np.zeros((37, 50, 3))
     assert ops.modcrop(img, 2).shape == (36, 50, 3)
@@ -59,6 +72,14 @@ def test_modcrop_and_shave_shapes():
 def test_quantize():
     x = np.array([-0.1, 0.0, 0.5 / 255, 1.4 / 255, 0.5, 1.0, 1.2])
     np.testing.assert_array_equal(ops.quantize(x), [0, 0, 0, 1, 128, 255, 255])
+    # float32 model outputs are scored in float64, like every other metric input.
+    assert ops.quantize(x.astype(np.float32)).dtype == np.float64
+
+
+def test_check_scale_lists_the_valid_scales():
+    assert [ops.check_scale(s) for s in (2, 3, 4)] == [2, 3, 4]
+    with pytest.raises(ValueError, match=r'^scale 5 not supported; valid: 2, 3, 4$'):
+        ops.check_scale(5)
 
 
 # --- PSNR / SSIM ------------------------------------------------------------
@@ -85,6 +106,32 @@ def test_psnr_identical_and_shave():
     sr[:, -4:] = 255 - sr[:, -4:]
     assert ops.psnr(sr, hr, 4) == math.inf  # ... which scale 4 shaves off
     assert math.isfinite(ops.psnr(sr, hr, 3))  # but scale 3 does not
+
+
+def test_psnr_of_unit_mse_and_of_identical_images_without_numpy_warnings():
+    hr = np.full((12, 12), 100, np.uint8)
+    sr = hr + np.uint8(1)  # gray: Y is the value itself, so MSE is exactly 1
+    assert ops.psnr(sr, hr, 2) == pytest.approx(20 * math.log10(255), abs=1e-12)
+    with np.errstate(all='raise'):  # inf comes from the MSE == 0 branch, not a divide by zero
+        assert ops.psnr(hr, hr, 2) == math.inf
+
+
+def test_metrics_take_uint8_and_any_float_and_reject_other_dtypes():
+    rng = np.random.default_rng(4)
+    sr, hr = _pair(rng)
+    assert ops.psnr(sr.astype(np.float32) / 255, hr, 2) == ops.psnr(sr, hr, 2)
+    with pytest.raises(TypeError, match=r'^expected uint8 or float image, got int32$'):
+        ops.psnr(sr.astype(np.int32), hr, 2)
+
+
+def test_ssim_on_rgb_is_the_mean_of_the_channel_ssims():
+    rng = np.random.default_rng(5)
+    sr, hr = _pair(rng, (40, 36, 3))
+    sr[..., 1] = hr[..., 1]  # green identical (SSIM 1): the channel mean must see it
+    a, b = ops.shave(sr.astype(np.float64), 2), ops.shave(hr.astype(np.float64), 2)
+    per_channel = [ops.ssim_map(a[..., c], b[..., c]).mean() for c in range(3)]
+    assert per_channel[1] == pytest.approx(1.0, abs=1e-12) and max(per_channel[::2]) < 0.95
+    assert ops.ssim(sr, hr, 2, y_channel=False) == pytest.approx(np.mean(per_channel), abs=1e-12)
 
 
 def test_psnr_float_inputs_are_quantized():
@@ -132,7 +179,7 @@ def test_psnr_ssim_match_skimage(shape):
 # --- imresize (MATLAB) and resize_bicubic (jax) -----------------------------
 
 
-@pytest.mark.parametrize('scale', [1 / 4, 1 / 3, 1 / 2, 2, 3, 4])
+@pytest.mark.parametrize('scale', [1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.5, 2, 3, 4])
 def test_imresize_constant_stays_constant(scale):
     img = np.full((23, 30, 3), 77, np.uint8)
     out = ops.imresize(img, scale)
@@ -141,6 +188,68 @@ def test_imresize_constant_stays_constant(scale):
     out_f = ops.imresize(np.full((23, 30), 0.3), scale)
     assert out_f.dtype == np.float64
     np.testing.assert_allclose(out_f, 0.3, atol=1e-12)
+
+
+@pytest.mark.parametrize('scale', [1.5, 2, 3, 4])
+def test_imresize_upscale_reproduces_quadratics_in_the_interior(scale):
+    # Keys' cubic (a = -0.5) reproduces polynomials up to degree 2: inside the mirrored border,
+    # output pixel i (1-based) is f at its centre in input coordinates, i / s + (1 - 1 / s) / 2.
+    f = lambda t: 0.3 * t * t - 2.0 * t + 5.0
+    n = 24
+    column = f(np.arange(1, n + 1, dtype=np.float64))
+    img = np.repeat(column[:, None], 5, axis=1)
+    out_len = int(n * scale)
+    out = ops.imresize(img, output_shape=(out_len, 5))
+    centres = np.arange(1, out_len + 1) / scale + 0.5 * (1 - 1 / scale)
+    inside = slice(int(3 * scale), -int(3 * scale))
+    np.testing.assert_allclose(out[inside, 2], f(centres)[inside], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize('scale', [1 / 4, 1 / 3, 1 / 2, 2, 3, 4])
+def test_imresize_mirrors_the_border_symmetrically(scale):
+    # MATLAB mirrors out-of-range taps (1..n, n..1): resizing a symmetrically padded image and
+    # cropping the padding's image gives the unpadded result exactly (pad a multiple of 1/scale).
+    rng = np.random.default_rng(6)
+    img = rng.uniform(0, 255, (24, 36))
+    pad = 12
+    padded = ops.imresize(np.pad(img, pad, mode='symmetric'), scale)
+    crop = int(pad * scale)
+    np.testing.assert_allclose(padded[crop:-crop, crop:-crop], ops.imresize(img, scale), atol=1e-9)
+
+
+def test_imresize_uint8_saturates_between_passes_and_resizes_the_smaller_scale_first():
+    # MATLAB keeps uint8 between its 1-D passes (rounding and saturating) and resizes the
+    # dimension with the smaller scale first. A one-pass resize (the other axis at scale 1, which
+    # is the identity) chained by hand in that order is the reference; the other order, and
+    # passes without saturation, give other images (checked, so the test can fail).
+    img = np.full((24, 24), 255, np.uint8)
+    img[::5] = 0  # dark lines on white: bicubic rings below 0 and above 255
+    img[:, ::7] = 0
+    out_shape = (16, 9)  # scales 2/3 (H) and 3/8 (W): W first
+    width_first = ops.imresize(ops.imresize(img, output_shape=(24, 9)), output_shape=out_shape)
+    height_first = ops.imresize(ops.imresize(img, output_shape=(16, 24)), output_shape=out_shape)
+    result = ops.imresize(img, output_shape=out_shape)
+    np.testing.assert_array_equal(result, width_first)
+    assert np.any(result != height_first)
+    unsaturated = ops.imresize(
+        ops.imresize(img.astype(np.float64), output_shape=(24, 9)), output_shape=out_shape
+    )
+    assert np.any(result != np.clip(np.floor(unsaturated + 0.5), 0, 255))
+
+
+def test_imresize_errors():
+    with pytest.raises(
+        ValueError, match=r'^expected a 2-D or HWC image, got shape \(1, 4, 4, 3\)$'
+    ):
+        ops.imresize(np.zeros((1, 4, 4, 3)), 2)
+    with pytest.raises(ValueError, match=r'^give scale or output_shape$'):
+        ops.imresize(np.zeros((4, 4)))
+
+
+def test_imresize_keeps_black_and_white_uint8():
+    for value in (0, 255):
+        img = np.full((9, 12, 3), value, np.uint8)
+        assert np.all(ops.imresize(ops.imresize(img, 1 / 3), 3) == value)
 
 
 def test_imresize_periodic_pattern_downscale_is_mean():
