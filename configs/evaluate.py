@@ -16,7 +16,10 @@ transfer-source classifier:
     [--config.attacks[1].eps=0.01]
 
 Robustness of purifiers in front of the classifier (rows: none, bicubic_resample, jpeg and the
-trained sr_resample purifier; oblivious | adaptive | transfer attackers, sanity checks, plot):
+trained sr_resample purifier; oblivious | adaptive | transfer attackers, the worst case per threat
+model, sanity checks, plot). The adaptive attacker adds APGD-CE and APGD-DLR at every attack's norm
+and eps (AutoAttack's ensemble for randomised defences, one restart each, EOT over 20 draws):
+20 iterations in the CPU default, AutoAttack's 100 in `robustness,full`; the table states which:
   python launch.py --config=configs/evaluate.py:robustness --workdir=workdirs/eval_robustness \\
     --config.classifier.checkpoint=workdirs/classifier \\
     --config.purifiers[3].checkpoint=workdirs/purifier \\
@@ -50,7 +53,8 @@ from ml_collections import config_dict
 
 from configs import classifier, common
 
-# APGD-CE iterations: the paper's 100 in the full variant, fewer in the CPU default.
+# APGD iterations: the paper's (and AutoAttack's) 100 in the full variant, fewer in the CPU
+# default (100 iterations run as a rolled loop, several times slower per step on CPU).
 APGD_STEPS = {'cpu': 20, 'full': 100}
 
 SR_BENCHMARKS = [
@@ -167,10 +171,26 @@ def robustness_config(parts=()) -> ml_collections.ConfigDict:
         for k in (2, 4, 8, 16)
     ]
     c.attacks += [attacks.attack_config(name='pgd', norm='l2', eps=0.5, steps=10, step_size=None)]
-    # White-box attacker on C∘P: steps=0 keeps each attack's own steps; EOT draws when P is random.
-    c.adaptive = ml_collections.ConfigDict(dict(steps=0, eot_samples=8))
+    # White-box attacker on C∘P: at every listed attack's norm and eps, the attack itself and each
+    # of `attacks` (their own norm and eps are replaced), a sample robust only if it resists all.
+    # Default: AutoAttack's ensemble for randomised defences (Croce & Hein 2020, version 'rand'):
+    # APGD-CE and APGD-DLR with one restart each (both AutoAttack versions run APGD with one
+    # restart; the standard version's APGD-T, FAB-T and Square are not here), 100 iterations in
+    # `full`, 20 on CPU; EOT over 20 draws for random purifiers; BPDA (identity backward) for
+    # non-differentiable ones. DLR needs at least 3 classes. An empty list: the listed attack only.
+    steps = APGD_STEPS['full' if full else 'cpu']
+    c.adaptive = ml_collections.ConfigDict(
+        dict(
+            attacks=[
+                attacks.attack_config(name='apgd', steps=steps, restarts=1),
+                attacks.attack_config(name='apgd', loss='dlr', steps=steps, restarts=1),
+            ],
+            eot_samples=20,
+        )
+    )
     # Every attacker also runs the first attack at eps = 0 on this many batches (0: all) for the
-    # eps = 0 sanity check.
+    # eps = 0 sanity check (the adaptive attacker all its attacks), compared sample by sample with
+    # an independent forward pass of C∘P.
     c.sanity_batches = 1
     c.grid_samples = 4
     c.grid_attack = -1  # Index into the attacks; -1: the L-inf attack nearest 8/255.

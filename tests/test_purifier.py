@@ -496,13 +496,16 @@ def passing_results():
     labels = [a['label'] for a in attacks_meta]
     row = lambda clean, obl, ad, tr: {
         'clean': clean,
+        'reference': {'clean': clean, 'mismatches': 0, 'near_ties': 0},
         'gradient': {'norm': 1.5, 'finite': True, 'via': 'exact'},
         'eps0': {
             'examples': 50,
             'clean': 0.86,
+            'near_ties': 0,
             'oblivious': 0.86,
             'adaptive': 0.86,
             'transfer': 0.86,
+            'mismatches': {'oblivious': 0, 'adaptive': 0, 'transfer': 0},
         },
         'oblivious': dict(zip(labels, obl)),
         'adaptive': dict(zip(labels, ad)),
@@ -523,6 +526,10 @@ def passing_results():
     'check,plant',
     [
         ('eps0', lambda r: r['purifiers']['sr']['eps0'].update({'adaptive': 0.5})),
+        # Same accuracy, but two samples swapped: only the per-sample comparison sees it.
+        ('eps0', lambda r: r['purifiers']['sr']['eps0']['mismatches'].update({'oblivious': 2})),
+        ('eps0', lambda r: r['purifiers']['sr']['reference'].update({'mismatches': 1})),
+        ('eps0', lambda r: r['purifiers']['sr']['reference'].update({'clean': 0.8})),
         (
             'monotone',
             lambda r: r['purifiers']['sr']['oblivious'].update({'pgd linf 8/255 x10': 0.75}),
@@ -568,6 +575,19 @@ def test_sanity_tolerates_one_sample():
     assert not robustness.sanity_checks(results)['passed']
 
 
+def test_eps0_tolerates_near_ties_only():
+    """A near-tie of the reference may round either way in another compiled program: it may move
+    the eps = 0 accuracy by one sample, but a counted mismatch always fails."""
+    results = passing_results()
+    zero = results['purifiers']['sr']['eps0']
+    zero.update(adaptive=0.88)  # One sample of 50 more than the reference ...
+    assert not robustness.sanity_checks(results)['passed']
+    zero.update(near_ties=1)  # ... allowed where the reference had one near-tie.
+    assert robustness.sanity_checks(results)['passed']
+    zero['mismatches']['adaptive'] = 1
+    assert not robustness.sanity_checks(results)['passed']
+
+
 # ---------------------------------------------------------------------------------------------
 # The table against a hand computation on a fixed linear classifier.
 
@@ -603,8 +623,18 @@ def test_table_matches_hand_computation(tmp_path, capsys):
 
     config = evaluate_config.robustness_config()
     eps = 2 / 255
-    pgd = dict(name='pgd', steps=3, step_size=1 / 255, random_start=False)
-    config.attacks = [attacks.attack_config(eps=eps, **pgd)]
+    # Two attacks share the L-inf 2/255 threat model, one is L2 0.2: the worst case is per threat
+    # model, never across the two.
+    listed = [
+        attacks.attack_config(name='pgd', eps=eps, steps=3, step_size=1 / 255, random_start=False),
+        attacks.attack_config(name='fgsm', eps=eps),
+        attacks.attack_config(name='fgsm', norm='l2', eps=0.2),
+    ]
+    config.attacks = listed
+    # The adaptive attacker adds a one-step PGD of step eps at each threat model (the default
+    # APGD ensemble is slow to compile and its DLR needs 3 classes; test_evaluation runs it).
+    member = dict(name='pgd', steps=1, step_size=None, random_start=False)
+    config.adaptive.attacks = [attacks.attack_config(**member)]
     config.sanity_batches = 0  # The eps = 0 sanity attack on every batch.
     config.batch_size = 8
     config.grid_samples = 2
@@ -617,30 +647,38 @@ def test_table_matches_hand_computation(tmp_path, capsys):
         config, fn, params, rows, split, mesh, transfer=(t_fn, t_params)
     )
 
-    # By hand: the same attack function, called directly on all 12 images at once.
-    attack = attacks.make_attack(attacks.attack_config(eps=eps, **pgd))
+    # By hand: the same attack functions, called directly on all 12 images at once.
     y = jnp.asarray(labels)
     acc = lambda f, p, xs: float(jnp.mean(jnp.argmax(f(p, xs), -1) == y))
     key = jax.random.key(0)  # Unused: no random start.
-    x_obl = attack(fn, params, x, key, y)
-    x_tr = attack(t_fn, t_params, x, key, y)
+    jitted = lambda c: jax.jit(attacks.make_attack(c), static_argnums=0)
+    made = [jitted(c) for c in listed]
+    at_threat = [jitted(attacks.attack_config(norm=c.norm, eps=c.eps, **member)) for c in listed]
+    x_obl = [a(fn, params, x, key, y) for a in made]
+    x_tr = [a(t_fn, t_params, x, key, y) for a in made]
     hand = {'clean': acc(fn, params, x)}
+    worst_hand = {}
     for row in rows:
         purify = lambda xs, pp=row.purifier: pp.purify({}, xs)
         composed = lambda p, xs, pp=row.purifier: fn(p, pp.purify({}, xs))
-        x_ad = attack(composed, params, x, key, y)
         ok = lambda xs, purify=purify: np.asarray(jnp.argmax(fn(params, purify(xs)), -1) == y)
-        clean_p, obl, ad, tr = ok(x), ok(x_obl), ok(x_ad), ok(x_tr)
-        hand[row.label] = [
-            hand['clean'],
-            clean_p.mean(),
-            obl.mean(),
-            ad.mean(),
-            tr.mean(),
-            (clean_p & obl).mean(),
-            (clean_p & ad).mean(),
-            (clean_p & tr).mean(),
+        clean_p = ok(x)
+        obl = [ok(xa) for xa in x_obl]
+        tr = [ok(xa) for xa in x_tr]
+        # Adaptive: the listed attack and the member at its norm and eps; robust only to both.
+        ad = [
+            ok(a(composed, params, x, key, y)) & ok(b(composed, params, x, key, y))
+            for a, b in zip(made, at_threat)
         ]
+        hand[row.label] = [hand['clean'], clean_p.mean()]
+        for k in range(3):
+            hand[row.label] += [obl[k].mean(), ad[k].mean(), tr[k].mean()]
+        worst_hand[row.label] = []
+        for group in ((0, 1), (2,)):  # linf 2/255: pgd and fgsm; l2 0.2: fgm.
+            for per in (obl, ad, tr):
+                worst_hand[row.label].append(
+                    np.logical_and.reduce([clean_p] + [per[k] for k in group]).mean()
+                )
 
     header, table_rows = robustness_report.table(results, percent=False)
     assert header == [
@@ -650,18 +688,44 @@ def test_table_matches_hand_computation(tmp_path, capsys):
         'pgd linf 2/255 x3 obl',
         'adapt',
         'transfer',
-        'worst obl',
-        'worst adapt',
-        'worst transfer',
+        'fgsm linf 2/255 obl',
+        'adapt',
+        'transfer',
+        'fgsm l2 0.2 obl',
+        'adapt',
+        'transfer',
     ]
     for row in table_rows:
         np.testing.assert_allclose(row[1:], hand[row[0]], atol=1e-9, err_msg=row[0])
+    header, worst_rows = robustness_report.worst_table(results, percent=False)
+    assert header == [
+        'purifier',
+        'worst linf 2/255 obl',
+        'adapt',
+        'transfer',
+        'worst l2 0.2 obl',
+        'adapt',
+        'transfer',
+    ]
+    for row in worst_rows:
+        np.testing.assert_allclose(row[1:], worst_hand[row[0]], atol=1e-9, err_msg=row[0])
+    assert [t['attacks'] for t in results['threat_models']] == [
+        ['pgd linf 2/255 x3', 'fgsm linf 2/255'],
+        ['fgsm l2 0.2'],
+    ]
+    assert results['attacks'][2]['adaptive'] == ['fgsm l2 0.2', 'pgd l2 0.2 x1']
     assert results['examples'] == n
-    # The attack is strong enough to matter, and 'none' is attacked identically both ways.
+    # The attack is strong enough to matter, and 'none' is attacked identically both ways by
+    # the listed attack (the adaptive attacker adds another, so it can only be stronger).
+    none = results['purifiers']['none']
     assert hand['none'][2] < hand['none'][1]
-    assert hand['none'][2] == hand['none'][3]
+    assert none['adaptive_members']['pgd linf 2/255 x3']['pgd linf 2/255 x3'] == hand['none'][2]
+    assert hand['none'][3] <= hand['none'][2]
+    for r in results['purifiers'].values():
+        assert r['reference'] == {'clean': r['clean'], 'mismatches': 0, 'near_ties': 0}
     assert results['sanity']['passed'], results['sanity']['failures']
 
+    writer = RecordingWriter()
     md = robustness_report.report(
         str(tmp_path),
         dict(results, transfer_note='test'),
@@ -669,10 +733,19 @@ def test_table_matches_hand_computation(tmp_path, capsys):
         rows,
         config,
         title='toy',
-        writer=RecordingWriter(),
+        writer=writer,
     )
     out = capsys.readouterr().out
-    assert 'sanity ok: eps = 0 gives the clean accuracy' in out and 'SANITY FAILED' not in out
+    assert 'sanity ok: eps = 0 and clean+P match an independent forward pass' in out
+    assert 'SANITY FAILED' not in out
+    # The adaptive budget is printed right under the table, and it says it is reduced.
+    budget = (
+        "Adaptive attacker budget: at each attack's norm and eps, the listed attack + "
+        'pgd x1 (1 restart), per-sample worst case'
+    )
+    assert budget in out and budget in md
+    assert out.index(budget) < out.index('Worst case per threat model')
+    assert 'No APGD: weaker than AutoAttack.' in out
     for name in (
         'robustness_table.md',
         'results.json',
@@ -683,4 +756,11 @@ def test_table_matches_hand_computation(tmp_path, capsys):
     with open(tmp_path / 'results.json') as f:
         saved = json.load(f)['robustness']
     assert saved['purifiers']['none']['oblivious'] == results['purifiers']['none']['oblivious']
+    assert saved['purifiers']['none']['worst_case'] == none['worst_case']
+    assert set(none['worst_case']['adaptive']) == {'linf 2/255', 'l2 0.2'}
+    scalars = writer.scalars[0]
+    assert (
+        scalars['robustness/none/worst_adaptive/linf_2_255']
+        == none['worst_case']['adaptive']['linf 2/255']
+    )
     assert '| none |' in md

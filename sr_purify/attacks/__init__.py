@@ -42,14 +42,15 @@ fgsm    one step: FGSM (linf) / FGM (l2)      eps norm targeted
 pgd     Madry et al. 2018                     eps steps step_size norm random_start restarts
                                               targeted
 mifgsm  momentum I-FGSM, Dong et al. 2018     eps steps step_size decay norm targeted
-apgd    APGD-CE, Croce & Hein 2020            eps steps norm random_start restarts targeted
+apgd    APGD, Croce & Hein 2020               eps steps norm random_start restarts targeted
+        (loss 'ce': APGD-CE; 'dlr': APGD-DLR) loss
 ssp     NRP self-supervised perturbation      eps steps step_size norm random_start (no labels)
 sr      Choi et al. 2019 basic SR attack      eps steps step_size norm random_start (no labels)
 
 `step_size=None` picks the attack's rule: 2.5 eps / steps (pgd), eps / steps
 (mifgsm, ssp, sr); APGD sets its own step (2 eps, halved adaptively). A field
 an attack does not read must keep its neutral value (random_start=False,
-restarts=1, targeted=False), or `validate` raises. For norm='l2' pass an L2
+restarts=1, targeted=False, loss='ce'), or `validate` raises. For norm='l2' pass an L2
 budget or leave eps out for the norm's default (0.5; 8/255 for linf).
 
 Classifier attacks take labels (the target classes when targeted=True) and
@@ -73,9 +74,11 @@ import numpy as np
 from ml_collections import config_dict
 
 from sr_purify.attacks.gradient import (
+    LOSSES,
     NORMS,
     apgd,
     apgd_checkpoints,
+    dlr_loss,
     fgm,
     fgsm,
     mifgsm,
@@ -101,13 +104,13 @@ _SETTINGS = {
     'fgsm': ('eps', 'norm', 'targeted'),
     'pgd': ('eps', 'steps', 'step_size', 'norm', 'random_start', 'restarts', 'targeted'),
     'mifgsm': ('eps', 'steps', 'step_size', 'decay', 'norm', 'targeted'),
-    'apgd': ('eps', 'steps', 'norm', 'random_start', 'restarts', 'targeted'),
+    'apgd': ('eps', 'steps', 'norm', 'random_start', 'restarts', 'targeted', 'loss'),
     'ssp': ('eps', 'steps', 'step_size', 'norm', 'random_start'),
     'sr': ('eps', 'steps', 'step_size', 'norm', 'random_start'),
 }
 # A field an attack ignores must hold this value, so a setting never
 # silently does nothing (e.g. restarts=5 for mifgsm).
-_NEUTRAL = {'random_start': False, 'restarts': 1, 'targeted': False}
+_NEUTRAL = {'random_start': False, 'restarts': 1, 'targeted': False, 'loss': 'ce'}
 
 _BASE = dict(
     name='pgd',
@@ -120,6 +123,7 @@ _BASE = dict(
     targeted=False,
     decay=1.0,
     eot_samples=1,
+    loss='ce',
 )
 # The usual CIFAR-scale budget of each norm, used when no eps is given; the L2 one is not a
 # rescaled L-inf one (8/255 as an L2 radius on a 32x32x3 image moves almost nothing).
@@ -142,7 +146,7 @@ def attack_config(**overrides) -> ml_collections.ConfigDict:
 
     Defaults: name='pgd', norm='linf', eps=DEFAULT_EPS[norm] (8/255 L-inf, 0.5 L2), steps=10,
     step_size=None (the attack's rule, e.g. PGD's 2.5 eps / steps = 2/255), random_start=True,
-    restarts=1, targeted=False, decay=1.0, eot_samples=1.
+    restarts=1, targeted=False, decay=1.0, eot_samples=1, loss='ce' (apgd's 'dlr': APGD-DLR).
     Naming another attack applies its paper defaults for any field not given
     (e.g. name='ssp' gives eps=16/255, steps=100, step_size=0.01). The result is
     locked: a misspelt field raises.
@@ -205,18 +209,24 @@ def validate(cfg) -> None:
         ('restarts', _is_int(cfg.restarts) and cfg.restarts >= 1, 'an int >= 1'),
         ('eot_samples', _is_int(cfg.eot_samples) and cfg.eot_samples >= 1, 'an int >= 1'),
         ('decay', _is_number(cfg.decay) and cfg.decay >= 0, 'a number >= 0'),
+        ('loss', cfg.get('loss', 'ce') in LOSSES, ', '.join(LOSSES)),
     )
     for field, ok, valid in checks:
         if not ok:
             raise ValueError(f'invalid {field} {cfg[field]!r}; valid: {valid}')
     used = _SETTINGS[cfg.name]
     for field, neutral in _NEUTRAL.items():
-        if field not in used and cfg[field] != neutral:
+        if field not in used and cfg.get(field, neutral) != neutral:
             users = sorted(n for n, s in _SETTINGS.items() if field in s)
             raise ValueError(
                 f'{field}={cfg[field]!r} has no effect on {cfg.name!r}; set it to '
                 f'{neutral!r} or use one of: {", ".join(users)}'
             )
+    if cfg.get('loss', 'ce') == 'dlr' and cfg.targeted:
+        raise ValueError(
+            "loss='dlr' with targeted=True is invalid; valid: loss='ce' for a targeted attack "
+            '(the DLR loss here is untargeted)'
+        )
     if cfg.name in LABEL_FREE and not cfg.random_start:
         raise ValueError(
             f'random_start=False is invalid for {cfg.name!r}; valid: True '
@@ -263,7 +273,7 @@ def make_attack(cfg) -> Callable[..., jax.Array]:
     """
     validate(cfg)
     name = cfg.name
-    settings = {field: cfg[field] for field in _SETTINGS[name]}
+    settings = {field: cfg.get(field, _BASE[field]) for field in _SETTINGS[name]}
     bound = functools.partial(ATTACKS[name], **settings)
     samples = cfg.eot_samples
 
@@ -287,6 +297,7 @@ def make_attack(cfg) -> Callable[..., jax.Array]:
 __all__ = [
     'ATTACKS',
     'LABEL_FREE',
+    'LOSSES',
     'NORMS',
     'RandomFn',
     'apgd',
@@ -294,6 +305,7 @@ __all__ = [
     'attack_config',
     'bpda',
     'check_images',
+    'dlr_loss',
     'eot',
     'fgm',
     'fgsm',

@@ -1,4 +1,4 @@
-"""Gradient attacks on classifiers: FGSM/FGM, PGD, MI-FGSM and APGD-CE.
+"""Gradient attacks on classifiers: FGSM/FGM, PGD, MI-FGSM and APGD (CE or DLR loss).
 
 All attacks share one signature,
 
@@ -25,6 +25,8 @@ import optax
 from sr_purify.attacks import wrappers
 
 NORMS = ('l2', 'linf')
+# Losses APGD can ascend: cross-entropy, or the Difference of Logits Ratio (Croce & Hein 2020).
+LOSSES = ('ce', 'dlr')
 
 # Floor for norms we divide by: a zero gradient or perturbation stays zero
 # instead of becoming NaN.
@@ -84,10 +86,41 @@ def uniform_in_ball(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
 # Objective.
 
 
-def _objective(labels: jax.Array, targeted: bool) -> Callable[[jax.Array], jax.Array]:
-    """Per-sample quantity every attack *ascends*: CE(y), or -CE(target)."""
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Difference of Logits Ratio (Croce & Hein, ICML 2020, Eq. 6), per sample:
+
+        DLR(z, y) = -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12),
+
+    with z_pi1 >= z_pi2 >= z_pi3 the sorted logits. Positive once y is no longer the top class;
+    invariant to shifting and (positively) scaling the logits, so a classifier cannot hide behind
+    saturated or rescaled logits. Needs at least 3 classes.
+    """
+    z = logits.astype(jnp.float32)
+    if z.shape[-1] < 3:
+        raise ValueError(
+            f'the DLR loss needs at least 3 classes (it divides by z_pi1 - z_pi3); '
+            f"got logits of shape {z.shape}; use loss='ce'"
+        )
+    top, top_idx = jax.lax.top_k(z, 3)
+    z_y = jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
+    # The largest other logit: the runner-up where y is on top, else the top one.
+    other = jnp.where(top_idx[:, 0] == labels, top[:, 1], top[:, 0])
+    return -(z_y - other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def _objective(
+    labels: jax.Array, targeted: bool, loss: str = 'ce'
+) -> Callable[[jax.Array], jax.Array]:
+    """Per-sample quantity every attack *ascends*: CE(y), or -CE(target); DLR(y) for
+    loss='dlr' (untargeted only: the targeted DLR needs the true class and the target)."""
+    if loss not in LOSSES:
+        raise ValueError(f'unknown loss {loss!r}; valid: {", ".join(LOSSES)}')
+    if loss == 'dlr' and targeted:
+        raise ValueError("loss='dlr' is untargeted; use loss='ce' for a targeted attack")
 
     def per_sample(logits):
+        if loss == 'dlr':
+            return dlr_loss(logits, labels)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         return -ce if targeted else ce
 
@@ -108,16 +141,18 @@ def _require_labels(labels, name: str):
         )
 
 
-def _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts: int):
+def _best_of_restarts(
+    run_once, fn, params, x, key, labels, targeted, restarts: int, loss: str = 'ce'
+):
     """Runs `run_once(key) -> x_adv` `restarts` times and keeps each sample's worst case.
 
     A restart replaces the kept result for a sample if it succeeds where the
-    kept one did not, or if neither succeeds and its loss is higher; the first
-    success is kept. Restart r uses `fold_in(key, r)`, so the first restart is
-    the same run as `restarts=1` with the same key and more restarts can only be
-    stronger.
+    kept one did not, or if neither succeeds and its loss (`loss`, the attack's)
+    is higher; the first success is kept. Restart r uses `fold_in(key, r)`, so the
+    first restart is the same run as `restarts=1` with the same key and more
+    restarts can only be stronger.
     """
-    objective = _objective(labels, targeted)
+    objective = _objective(labels, targeted, loss)
 
     def score(x_adv, k):
         logits = wrappers.call(fn, params, x_adv, k)
@@ -288,8 +323,10 @@ def apgd(
     targeted: bool = False,
     momentum: float = 0.75,
     rho: float = 0.75,
+    loss: str = 'ce',
 ) -> jax.Array:
-    """APGD-CE, Auto-PGD on the cross-entropy (Croce & Hein, ICML 2020, Alg. 1).
+    """APGD-CE, Auto-PGD on the cross-entropy (Croce & Hein, ICML 2020, Alg. 1);
+    APGD-DLR with loss='dlr' (the `dlr_loss`, untargeted, at least 3 classes).
 
     Step size starts at 2 * eps and is halved per sample at the checkpoints of
     `apgd_checkpoints` when (1) the loss increased in fewer than rho of the
@@ -303,7 +340,7 @@ def apgd(
     """
     _check_norm(norm)
     _require_labels(labels, 'apgd')
-    objective = _objective(labels, targeted)
+    objective = _objective(labels, targeted, loss)
     checks = apgd_checkpoints(steps)
     # Static per-iteration tables: is iteration k+1 a checkpoint, and how long
     # was the segment that ends there.
@@ -383,4 +420,4 @@ def apgd(
         s = wrappers.loop(0, steps, body, state)
         return jnp.where(expand(s['found']), s['x_found'], s['x_best'])
 
-    return _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts)
+    return _best_of_restarts(run_once, fn, params, x, key, labels, targeted, restarts, loss)

@@ -22,12 +22,19 @@ from sr_purify import attacks, models, reporting, sharding
 from sr_purify import classification_data as cdata
 
 
+def threat_label(norm: str, eps: float) -> str:
+    """'linf 8/255' or 'l2 0.5': a threat model (norm and budget) as the tables name it."""
+    k = eps * 255
+    text = f'{round(k)}/255' if norm == 'linf' and abs(k - round(k)) < 1e-6 else f'{eps:g}'
+    return f'{norm} {text}'
+
+
 def attack_label(cfg: ml_collections.ConfigDict) -> str:
-    """'pgd linf 8/255 x10' or 'pgd l2 0.5 x10': what the table calls an attack."""
-    k = cfg.eps * 255
-    eps = f'{round(k)}/255' if cfg.norm == 'linf' and abs(k - round(k)) < 1e-6 else f'{cfg.eps:g}'
+    """'pgd linf 8/255 x10', 'pgd l2 0.5 x10' or 'apgd-dlr linf 8/255 x100': what the table
+    calls an attack."""
+    name = cfg.name + ('-dlr' if cfg.get('loss', 'ce') == 'dlr' else '')
     steps = '' if cfg.name == 'fgsm' else f' x{cfg.steps}'
-    return f'{cfg.name} {cfg.norm} {eps}{steps}'
+    return f'{name} {threat_label(cfg.norm, cfg.eps)}{steps}'
 
 
 def _labels(cfgs: Sequence[ml_collections.ConfigDict]) -> List[str]:

@@ -1,7 +1,8 @@
 """The robustness evaluation's report: the table (every purified number beside its adaptive
-counterpart), settings and provenance lines, the accuracy-against-eps plot, the image grid, and
-the files they go to (robustness_table.md, results.json, robustness_plot.png,
-robustness_grid.png, TensorBoard scalars)."""
+counterpart) with the adaptive attacker's budget under it, the worst case per threat model,
+settings and provenance lines, the accuracy-against-eps plot, the image grid, and the files they
+go to (robustness_table.md, results.json, robustness_plot.png, robustness_grid.png, TensorBoard
+scalars)."""
 
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -15,25 +16,76 @@ from sr_purify.evaluators.robustness_checks import ATTACKERS, sanity_lines
 # Table, plot, grid.
 
 
+def _formatter(percent: bool):
+    return (lambda v: '-' if v is None else f'{100 * v:.1f}') if percent else (lambda v: v)
+
+
 def table(results: Dict[str, Any], percent: bool = True) -> Tuple[List[str], List[List[Any]]]:
     """(header, rows): purifier, clean, clean+P, then per attack (eps > 0) oblivious | adaptive |
-    transfer, then the worst case per attacker. Accuracies in percent (strings) or fractions."""
-    fmt = (lambda v: '-' if v is None else f'{100 * v:.1f}') if percent else (lambda v: v)
+    transfer. Accuracies in percent (strings) or fractions."""
+    fmt = _formatter(percent)
     attack_labels = [a['label'] for a in results['attacks'] if a['eps'] > 0]
     header = ['purifier', 'clean', 'clean+P']
     for label in attack_labels:
         header += [f'{label} obl', 'adapt', 'transfer']
-    header += ['worst obl', 'worst adapt', 'worst transfer']
     rows = []
     for name, r in results['purifiers'].items():
         row = [name, fmt(results['clean']), fmt(r['clean'])]
         for label in attack_labels:
             for attacker in ATTACKERS:
                 row.append(fmt(None if r[attacker] is None else r[attacker][label]))
-        for attacker in ATTACKERS:
-            row.append(fmt(r['worst_case'][attacker]))
         rows.append(row)
     return header, rows
+
+
+def worst_table(results: Dict[str, Any], percent: bool = True) -> Tuple[List[str], List[List[Any]]]:
+    """(header, rows): purifier, then per threat model (norm, eps) the worst case of each
+    attacker: correct on C∘P clean and under every listed attack of that norm and eps."""
+    fmt = _formatter(percent)
+    threats = [t['label'] for t in results['threat_models']]
+    header = ['purifier']
+    for label in threats:
+        header += [f'worst {label} obl', 'adapt', 'transfer']
+    rows = []
+    for name, r in results['purifiers'].items():
+        row = [name]
+        for label in threats:
+            for attacker in ATTACKERS:
+                worst = r['worst_case'][attacker]
+                row.append(fmt(None if worst is None else worst[label]))
+        rows.append(row)
+    return header, rows
+
+
+# AutoAttack's APGD budget (Croce & Hein 2020): 100 iterations.
+AUTOATTACK_STEPS = 100
+
+
+def _member_text(cfg: Dict[str, Any]) -> str:
+    name = cfg['name'] + ('-' + cfg.get('loss', 'ce') if cfg['name'] == 'apgd' else '')
+    restarts = cfg['restarts']
+    return f'{name} x{cfg["steps"]} ({restarts} restart{"" if restarts == 1 else "s"})'
+
+
+def budget_line(results: Dict[str, Any]) -> str:
+    """The adaptive attacker's budget, printed under the table."""
+    adaptive = results['adaptive']
+    members = ['the listed attack'] + [_member_text(c) for c in adaptive['attacks']]
+    line = (
+        f"Adaptive attacker budget: at each attack's norm and eps, {' + '.join(members)}, "
+        f'per-sample worst case; EOT over {adaptive["eot_samples"]} draws for random purifiers; '
+        'BPDA (identity backward) for non-differentiable ones (jpeg).'
+    )
+    apgd = [c['steps'] for c in adaptive['attacks'] if c['name'] == 'apgd']
+    short = [steps for steps in apgd if steps < AUTOATTACK_STEPS]
+    if not apgd:
+        line += ' No APGD: weaker than AutoAttack.'
+    elif short:
+        line += (
+            f" Reduced budget: {max(short)} APGD iterations, not AutoAttack's "
+            f'{AUTOATTACK_STEPS} (the CPU default; robustness,full runs {AUTOATTACK_STEPS}).'
+        )
+    return line
 
 
 _LINESTYLES = {'oblivious': '-', 'adaptive': '--', 'transfer': ':'}
@@ -162,25 +214,34 @@ def settings_lines(results: Dict[str, Any], transfer_note: str) -> List[str]:
             )
         )
         lines.append(
-            f'- {a["label"]}: oblivious/transfer {a["steps"]} steps, adaptive '
-            f'{a["adaptive_steps"]} steps, step {step}, random start '
-            f'{a["config"]["random_start"]}, restarts {a["config"]["restarts"]}'
+            f'- {a["label"]}: step {step}, random start {a["config"]["random_start"]}, '
+            f'restarts {a["config"]["restarts"]}; adaptive: {", ".join(a["adaptive"])}'
         )
     lines.append(
         f'- adaptive: gradients through C∘P end to end; BPDA (identity backward) for '
         f'non-differentiable stages (jpeg); EOT over {results["adaptive"]["eot_samples"]} '
-        f'draws for random purifiers'
+        f"draws for random purifiers; at each attack's norm and eps it runs the attack itself "
+        + (
+            'and '
+            + ', '.join(_member_text(c) for c in results['adaptive']['attacks'])
+            + ' (random start as configured), and a sample counts only if it resists all'
+            if results['adaptive']['attacks']
+            else 'only'
+        )
     )
     lines.append(f'- transfer: {transfer_note}')
     z = results.get('eps0_attack')
     if z:
         lines.append(
-            f'- sanity: {z["label"]} (the first attack at eps = 0) by every attacker on '
-            f'the first {z["examples"]} images'
+            f'- sanity: {z["label"]} (the first attack at eps = 0; the adaptive attacker all of '
+            f'{", ".join(z.get("adaptive", [z["label"]]))}) by every attacker on the first '
+            f'{z["examples"]} images, compared sample by sample with an independent forward '
+            'pass of C∘P'
         )
     lines.append(
-        '- worst case: a sample counts only if C∘P is right on it clean and under every '
-        'attack (eps > 0) of that attacker'
+        '- worst case, per threat model (norm, eps), never across them: a sample counts only '
+        'if C∘P is right on it clean and under every listed attack of that norm and eps by '
+        'that attacker'
     )
     return lines
 
@@ -196,7 +257,13 @@ def report(
 ) -> str:
     """Prints the table, settings and sanity lines; writes the md, json, plot and grid."""
     header, table_rows = table(results)
+    budget = budget_line(results)
     text = reporting.log_table(title, header, table_rows)
+    if reporting.is_writer():
+        print(budget, flush=True)  # The budget belongs to the table: printed right under it.
+    worst_header, worst_rows = worst_table(results)
+    worst_title = 'Worst case per threat model (correct clean and under every attack of it), %'
+    worst_text = reporting.log_table(worst_title, worst_header, worst_rows)
     notes = settings_lines(results, results.get('transfer_note', ''))
     sources = [
         f'- {r.label}: {r.purifier.kind} ({r.source}; '
@@ -212,6 +279,12 @@ def report(
             f'# {title}',
             '',
             text,
+            '',
+            budget,
+            '',
+            f'## {worst_title}',
+            '',
+            worst_text,
             '',
             'Settings:',
             *notes,
@@ -235,8 +308,9 @@ def report(
     for name, r in results['purifiers'].items():
         scalars[f'robustness/{name}/clean'] = r['clean']
         for attacker in ATTACKERS:
-            if r['worst_case'][attacker] is not None:
-                scalars[f'robustness/{name}/worst_{attacker}'] = r['worst_case'][attacker]
+            for threat, value in (r['worst_case'][attacker] or {}).items():
+                tag = threat.replace('/', '_').replace(' ', '_')
+                scalars[f'robustness/{name}/worst_{attacker}/{tag}'] = value
     writer.write_scalars(0, scalars)
     reporting.write_grid(workdir, 'robustness_plot.png', plot(results), writer)
     if samples.get('clean') is not None:

@@ -140,7 +140,9 @@ def purifier_rows(
 
 def evaluate_robustness(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Mode 'robustness'. Returns the `robustness` results section."""
-    robustness.attack_list(config)  # Fail fast on attack settings, then checkpoints, then data.
+    # Fail fast on attack settings, then checkpoints, then data.
+    robustness.attack_list(config)
+    robustness.adaptive_settings(config)
     classifier = _classifier(config.classifier, '--config.classifier.checkpoint')
     transfer, transfer_note = None, ''
     if config.transfer.get('checkpoint', ''):
