@@ -78,7 +78,10 @@ def digest(tree: Any) -> str:
     )
     h = hashlib.sha256()
     for path, leaf in leaves:
+        # As restore returns it: without x64, orbax restores float64/int64 as float32/int32, and
+        # hashing the wider saved bytes would call every such checkpoint damaged.
         x = sharding.to_host(leaf)
+        x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
         h.update(path.encode())
         h.update(f'{x.dtype}{x.shape}'.encode())
         h.update(np.ascontiguousarray(x).tobytes())

@@ -296,3 +296,54 @@ def test_one_line_errors_keep_their_quotes_and_a_key_error_loses_its_own(
     error = _raised('raise KeyError("unknown loss \'l3\'; valid: l1, l2")', own)
     assert launcher.handle_error(error, str(tmp_path)) == 2
     assert capsys.readouterr().err == "error: unknown loss 'l3'; valid: l1, l2\n"
+
+
+# ---------------------------------------------------------------------------
+# Deliverables: exported parameters and where a restore looks.
+
+
+def test_export_params_keeps_one_step_of_params_alone_and_restores_in_the_given_dtypes(tmp_path):
+    import jax
+
+    folder = str(tmp_path / 'deliverable')
+    params = {
+        'conv': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)},
+        'b': np.ones(3, np.float32),
+    }
+    assert checkpointing.export_params(folder, 7, params) == folder
+    # Written by the time it returns; a second export of the same step changes nothing.
+    checkpointing.export_params(folder, 7, jax.tree.map(np.zeros_like, params))
+    abstract = {
+        'conv': {'kernel': jax.ShapeDtypeStruct((2, 3), jnp.float16)},
+        'b': jax.ShapeDtypeStruct((3,), jnp.float32),
+    }
+    restored, step = checkpointing.restore_params(folder, abstract)
+    assert step == 7
+    assert isinstance(restored['conv']['kernel'], np.ndarray)
+    assert restored['conv']['kernel'].dtype == np.float16 and restored['b'].dtype == np.float32
+    np.testing.assert_array_equal(restored['conv']['kernel'], params['conv']['kernel'])
+    np.testing.assert_array_equal(restored['b'], 1.0)
+    state, _ = checkpointing.restore_newest(folder)
+    assert set(state) == {'params'}  # a deliverable: no optimiser state, nothing else
+    # float64 leaves (restored as float32 without x64) are not mistaken for damage.
+    wide = str(tmp_path / 'float64')
+    checkpointing.export_params(wide, 1, {'b': np.full(3, 0.1)})
+    state, step = checkpointing.restore_newest(wide)
+    assert step == 1
+    np.testing.assert_array_equal(state['params']['b'], np.full(3, 0.1, np.float32))
+    # One step is kept: a later export replaces the earlier one.
+    checkpointing.export_params(folder, 9, params)
+    assert sorted(p.name for p in (tmp_path / 'deliverable').iterdir() if p.name.isdigit()) == ['9']
+
+
+def test_checkpoint_directory_and_what_a_missing_checkpoint_says(tmp_path):
+    workdir = tmp_path / 'job'
+    (workdir / 'checkpoints').mkdir(parents=True)
+    assert checkpointing.checkpoint_directory(str(workdir)) == str(workdir / 'checkpoints')
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    assert checkpointing.checkpoint_directory(str(bare)) == str(bare)
+    # A digit-named file is not a step orbax can restore: the error says what was looked for.
+    (bare / '5').write_text('not a checkpoint')
+    with pytest.raises(FileNotFoundError, match=r"^no SR model checkpoint in '"):
+        checkpointing.restore_params(str(bare), {}, 'SR model')
