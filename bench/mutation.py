@@ -65,6 +65,10 @@ EQUIVALENT = {
     'image_ops.x_imresize__mutmut_8': 'only in_shape[0] and [1] are read',
     'image_ops.x_imresize__mutmut_23': 'only scales[0] and [1] are read',
     'image_ops.x_imresize__mutmut_35': 'astype(None) is astype(float64)',
+    # attacks/gradient
+    'gradient.x_apgd__mutmut_30': 'seg_len off the checkpoints is never read (the lax.cond '
+    'branch that reads it runs only at checkpoints, whose entries are set from the schedule)',
+    'gradient.x_apgd__mutmut_41': 'int32 seg_len: rho * seg_len is the same float32 threshold',
     # attacks/wrappers
     'wrappers.x__zero_cotangent__mutmut_2': 'custom_vjp hands the backward its residuals as '
     'jax arrays: the asarray branch never runs',

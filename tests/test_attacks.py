@@ -225,6 +225,222 @@ def test_targeted_pgd_reaches_target(trained):
 
 
 # ---------------------------------------------------------------------------
+# Exact steps, starts and APGD's schedule, on problems small enough to follow by hand.
+
+# A linear two-class model on (1, 1, 2, 2) images around 0.5: z = (0, W . (x - 0.5)), so the
+# CE of class 0 has gradient sigmoid(z_1) W, along W / ||W||_2 = W / 13 and with sign(W) as its
+# sign; the zero weight gets no gradient.
+W = np.array([3.0, -4.0, 0.0, 12.0], np.float32)
+
+
+def linear(params, x):
+    del params
+    z1 = jnp.sum(W * (x.reshape(x.shape[0], -1) - 0.5), -1)
+    return jnp.stack([jnp.zeros_like(z1), z1], -1)
+
+
+def test_attacks_step_exactly_along_the_steepest_direction():
+    x, y, key = jnp.full((1, 1, 2, 2), 0.5), jnp.zeros(1, jnp.int32), rng(24)
+    l2 = dict(eps=0.13, steps=2, step_size=0.05, norm='l2')
+
+    @jax.jit
+    def steps(x):
+        return (
+            attacks.fgsm(linear, None, x, key, y, eps=0.1),
+            attacks.fgm(linear, None, x, key, y, eps=0.13),
+            attacks.pgd(linear, None, x, key, y, random_start=False, **l2),
+            attacks.mifgsm(linear, None, x, key, y, **l2),
+            attacks.mifgsm(linear, None, x, key, y, eps=0.1, steps=2, step_size=0.03),
+        )
+
+    fgsm, fgm, pgd, mifgsm_l2, mifgsm_linf = (np.asarray(v).reshape(-1) for v in steps(x))
+    # One step of eps: along sign(g) for FGSM (a zero gradient moves nothing), along g / ||g||
+    # for FGM (0.13 * W / 13).
+    np.testing.assert_allclose(fgsm, 0.5 + 0.1 * np.sign(W), atol=1e-6)
+    np.testing.assert_allclose(fgm, 0.5 + 0.01 * W, atol=1e-6)
+    # Two L2 steps of 0.05 inside a 0.13 ball: 0.1 along W / 13, which the projection keeps as
+    # it is. MI-FGSM's momentum (a sum of g / ||g||_1) stays along W.
+    np.testing.assert_allclose(pgd, 0.5 + 0.1 * W / 13, atol=1e-6)
+    np.testing.assert_allclose(mifgsm_l2, 0.5 + 0.1 * W / 13, atol=1e-6)
+    # L-inf MI-FGSM: sign steps; the coordinate without gradient stays put.
+    np.testing.assert_allclose(mifgsm_linf, 0.5 + 0.06 * np.sign(W), atol=1e-6)
+
+
+def test_project_keeps_inner_points_and_scales_outer_ones_onto_the_sphere():
+    x = jnp.full((2, 1, 2, 2), 0.5)
+    delta = jnp.stack([0.001 * W, 0.02 * W]).reshape(x.shape)  # L2 norms 0.013 and 0.26.
+    got = np.asarray(jax.jit(attacks.project, static_argnums=3)(x + delta, x, 0.13, 'l2') - x)
+    got = got.reshape(2, -1)
+    np.testing.assert_allclose(got, np.stack([0.001 * W, 0.01 * W]), atol=1e-6)
+
+
+def peaks(uc, q):
+    """Two-class logits of one-pixel images: with u = (x - 0.5) * 8 (x's offset in units of
+    eps = 1/8), z = (0, q - (u - uc)^2) per sample, so the CE of class 0 grows towards u = uc
+    (its gradient has the sign of uc - u, and is 0 at uc) and the attack succeeds (class 1 on
+    top) where (u - uc)^2 < q. The iterates below are dyadic, so float32 holds them exactly."""
+    uc, q = jnp.asarray(uc, jnp.float32), jnp.asarray(q, jnp.float32)
+
+    def fn(params, x):
+        del params
+        z1 = q - jnp.square((x.reshape(-1) - 0.5) * 8 - uc)
+        return jnp.stack([jnp.zeros_like(z1), z1], -1)
+
+    return fn
+
+
+def recording(fn, seen):
+    """fn, appending every input it is evaluated at (in order) to `seen`."""
+
+    def rec(params, x):
+        jax.debug.callback(lambda v: seen.append(np.array(v)), x, ordered=True)
+        return fn(params, x)
+
+    return rec
+
+
+def test_apgd_follows_the_hand_computed_trace():
+    # Units of eps = 1/8 around x = 0.5 (ball [-1, 1]); eta starts at 2. Sample 0 ascends
+    # towards uc = 3/16 and never succeeds, sample 1 towards 13/16 and succeeds within 5/16 of
+    # it. Default momentum (0.75); rho = 0.5; checkpoints after iterations 2, 3, ..., 9.
+    # Sample 0, step by step (d = distance to uc, the loss falls with d):
+    #   u0 = 0 (d 3/16). u1 = P(0 + 2) = 1 (the first step has no momentum; d 13/16).
+    #   u2 = 1 + 0.75 (P(1 - 2) - 1) + 0.25 (1 - 0) = -1/4 (d 7/16: one increase).
+    #   Checkpoint 2 (2 steps): 1 increase is not < 0.5 * 2, but the best loss (u0's) has not
+    #   improved: eta = 1, restart from u0. u3 = 0 + 0.75 * 1 = 3/4 (d 9/16).
+    #   Checkpoint 3: 0 increases < 0.5: eta = 1/2, restart from u0. u4 = 3/8 (d 3/16, a tie
+    #   with u0: neither an increase nor a new best). Checkpoint 4: eta = 1/4, restart from u0.
+    #   u5 = 3/16 = uc (the best point). Checkpoint 5: 1 increase, not < 0.5, and the step was
+    #   halved at checkpoint 4: keep eta. u6 = uc + 0 (no gradient) + 0.25 (uc - 0) = 15/64.
+    #   Checkpoint 6: halve, restart from uc, where it then stays.
+    assert attacks.apgd_checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9]
+    seen = []
+    fn = recording(peaks([3 / 16, 13 / 16], [-1.0, (5 / 16) ** 2]), seen)
+    x, labels = jnp.full((2, 1, 1, 1), 0.5), jnp.zeros(2, jnp.int32)
+    apgd = lambda x: attacks.apgd(
+        fn, None, x, rng(25), labels, eps=1 / 8, steps=10, rho=0.5, random_start=False
+    )
+    x_adv = jax.jit(apgd)(x)
+    jax.effects_barrier()
+    trace = (np.stack(seen).reshape(len(seen), 2) - 0.5) * 8  # The start and 10 iterates.
+    expected_0 = [0, 1, -1 / 4, 3 / 4, 3 / 8, 3 / 16, 15 / 64, 3 / 16, 3 / 16, 3 / 16, 3 / 16]
+    expected_1 = [0, 1, -1 / 4, 3 / 8, 1 / 4, 5 / 8, 13 / 16, 49 / 64, 13 / 16, 13 / 16, 13 / 16]
+    np.testing.assert_array_equal(trace, np.stack([expected_0, expected_1], -1))
+    # Sample 0 returns its highest-loss iterate (u5); sample 1 the first one that succeeds (u1,
+    # not the later, higher-loss ones).
+    np.testing.assert_array_equal((np.asarray(x_adv).reshape(2) - 0.5) * 8, [3 / 16, 1])
+
+
+def test_apgd_defaults_to_100_steps():
+    seen = []
+    fn = recording(peaks([0.5], [-1.0]), seen)
+    jax.jit(lambda x: attacks.apgd(fn, None, x, rng(26), jnp.zeros(1, jnp.int32)))(
+        jnp.full((1, 1, 1, 1), 0.5)
+    )
+    jax.effects_barrier()
+    assert len(seen) == 1 + 100  # The start, then one evaluation per step.
+
+
+def test_pgd_default_step_is_2_5_eps_over_steps():
+    # Two steps of 2.5 * (1/8) / 2 (1.25 in units of eps) from u = 0 towards uc = 3/16:
+    # u1 = P(1.25) = 1, then u2 = 1 - 1.25 = -1/4.
+    fn, x, y = peaks([3 / 16], [-1.0]), jnp.full((1, 1, 1, 1), 0.5), jnp.zeros(1, jnp.int32)
+    pgd = lambda x: attacks.pgd(
+        fn, None, x, rng(27), y, eps=1 / 8, steps=2, step_size=None, random_start=False
+    )
+    got = jax.jit(pgd)(x)
+    np.testing.assert_array_equal((np.asarray(got).reshape(1) - 0.5) * 8, [-1 / 4])
+
+
+def test_uniform_in_ball_draws_uniformly_from_the_ball():
+    x, eps = jnp.full((4096, 1, 1, 2), 0.5), 0.25  # Far enough from 0 and 1: no clipping.
+    # L2 in d = 2 dimensions: P(radius <= t eps) = t^2, so (radius / eps)^2 is uniform on [0, 1].
+    draw = jax.jit(
+        lambda x: [
+            attacks.uniform_in_ball(k, x, eps, n) for k, n in [(rng(28), 'l2'), (rng(29), 'linf')]
+        ]
+    )
+    l2, linf = (np.asarray(d - x) for d in draw(x))
+    r2 = np.sum(np.square(l2), (1, 2, 3)) / eps**2
+    assert r2.max() <= 1 + 1e-5
+    assert abs(r2.mean() - 0.5) < 0.03 and abs(np.mean(r2 < 0.25) - 0.25) < 0.03
+    # L-inf: every coordinate uniform on [-eps, eps].
+    a = np.abs(linf) / eps
+    assert a.max() <= 1 + 1e-6 and abs(a.mean() - 0.5) < 0.03
+
+
+def test_apgd_starts_uniformly_in_the_linf_ball_or_at_x():
+    # With no steps APGD returns its start: a uniform draw from the L-inf ball (each coordinate
+    # uniform on [-eps, eps], mean |delta| eps / 2), or x itself without a random start.
+    x, y, eps = jnp.full((1024, 1, 2, 2), 0.5), jnp.zeros(1024, jnp.int32), 0.25
+    starts = jax.jit(
+        lambda x: [
+            attacks.apgd(linear, None, x, rng(30), y, eps=eps, steps=0, random_start=r)
+            for r in (True, False)
+        ]
+    )
+    random, plain = starts(x)
+    a = np.abs(np.asarray(random - x)) / eps
+    assert a.max() <= 1 + 1e-6 and abs(a.mean() - 0.5) < 0.03
+    np.testing.assert_array_equal(plain, x)
+
+
+def test_targeted_apgd_restarts_keep_samples_that_reach_the_target():
+    # No gradient (class 1 iff x > 0.5): each restart's random start alone decides whether a
+    # sample reaches target 1, with chance 1/2. Keeping every restart's hits, 4 restarts reach
+    # it for about 15/16 of the samples, among them every sample that the first restart (the
+    # restarts=1 run) brought there.
+    def step_fn(params, x):
+        del params
+        z1 = jnp.where(x.reshape(-1) > 0.5, 1.0, -1.0)
+        return jnp.stack([jnp.zeros_like(z1), z1], -1)
+
+    x, target = jnp.full((64, 1, 1, 1), 0.5), jnp.ones(64, jnp.int32)
+
+    @jax.jit
+    def hits(x):
+        return [
+            jnp.argmax(step_fn(None, x_adv), -1) == target
+            for x_adv in [
+                attacks.apgd(
+                    step_fn, None, x, rng(31), target, eps=1 / 8, steps=1, restarts=r, targeted=True
+                )
+                for r in (1, 4)
+            ]
+        ]
+
+    one, four = (np.asarray(h) for h in hits(x))
+    assert 0 < one.sum() < 64
+    assert np.all(four[one]) and four.sum() >= 52, (one.sum(), four.sum())
+
+
+def test_bfloat16_images_stay_bfloat16():
+    x = jnp.full((2, 1, 2, 2), 0.5, jnp.bfloat16)
+
+    @jax.jit
+    def outputs(x):
+        starts = [attacks.uniform_in_ball(rng(32), x, 0.1, norm) for norm in attacks.NORMS]
+        projected = [attacks.project(x + 0.3, x, 0.1, norm) for norm in attacks.NORMS]
+        y = jnp.zeros(2, jnp.int32)
+        return starts + projected + [attacks.apgd(linear, None, x, rng(33), y, eps=0.1, steps=2)]
+
+    assert [v.dtype for v in outputs(x)] == [jnp.bfloat16] * 5
+
+
+@pytest.mark.parametrize('name', ['fgsm', 'pgd', 'mifgsm', 'apgd'])
+def test_gradient_attacks_name_a_bad_norm_and_missing_labels(name):
+    attack, x = getattr(attacks, name), jnp.full((1, 1, 2, 2), 0.5)
+    with pytest.raises(ValueError, match=r"^unknown norm 'l3'; valid: l2, linf$"):
+        attack(linear, None, x, rng(0), jnp.zeros(1, jnp.int32), norm='l3')
+    message = (
+        rf'^{name} attacks a classifier and needs labels \(true classes, or target classes when '
+        r'targeted=True\); got labels=None$'
+    )
+    with pytest.raises(ValueError, match=message):
+        attack(linear, None, x, rng(0))
+
+
+# ---------------------------------------------------------------------------
 # Label-free attacks.
 
 
@@ -325,6 +541,25 @@ def test_attacks_draw_fresh_randomness_every_step():
     attack(attacks.random_fn(noisy), params, x, rng(22), labels)
     jax.effects_barrier()
     assert len(seen) == 3 * 2 and len(set(seen)) == 6
+
+
+def test_restart_scoring_of_a_random_function_draws_its_own_key():
+    seen = []
+
+    def noisy(params, x, key):
+        jax.debug.callback(
+            lambda k: seen.append(tuple(np.asarray(k).ravel())), jax.random.key_data(key)
+        )
+        return linear(params, x + 0.01 * noise(key, x.shape))
+
+    x, labels = jnp.full((2, 1, 2, 2), 0.5), jnp.zeros(2, jnp.int32)
+    pgd = lambda x: attacks.pgd(
+        attacks.random_fn(noisy), None, x, rng(34), labels, eps=0.1, steps=1, restarts=2
+    )
+    jax.jit(pgd)(x)
+    jax.effects_barrier()
+    # Per restart: one draw for its step, one for scoring its result; all different.
+    assert len(seen) == 2 * 2 and len(set(seen)) == 4
 
 
 def test_bpda_forward_is_forward_and_gradient_is_backward():
