@@ -452,3 +452,29 @@ def test_upcycled_control_trains_on_ground_truth_labels_and_checks_the_patch(job
     c.data.patch = 9  # 9 x 9 LR patches do not shrink to a whole number of x2 pixels.
     with pytest.raises(ValueError, match='divisible by the scale 2'):
         student_job.distill(c, str(tmp_path / 'odd'), writer=RecordingWriter())
+
+
+def test_zoom_out_inputs_are_8_bit_values_and_white_stays_white():
+    rng = np.random.default_rng(0)
+    lr = jnp.asarray(rng.uniform(0, 1, (2, 8, 8, 3)), jnp.float32)
+    out = np.asarray(distillation.zoom_out_inputs(lr, 2), np.float64)
+    np.testing.assert_allclose(out * 255, np.round(out * 255), atol=1e-4)  # on the 8-bit grid
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    white = distillation.zoom_out_inputs(jnp.ones((1, 8, 8, 3)), 2)
+    np.testing.assert_array_equal(white, 1.0)
+
+
+def test_zoom_in_patch_larger_than_the_hr_crop_is_a_clear_error():
+    with pytest.raises(ValueError, match=r'^HR crops of 4x6 are smaller than the zoom-in patch 5$'):
+        distillation.zoom_in_inputs(jnp.zeros((1, 4, 6, 3)), 5, jax.random.key(0))
+
+
+def test_spatial_affinity_is_a_cosine_similarity_even_for_near_zero_features():
+    # Positions with a norm near eps (1e-7) still give entries in [-1, 1].
+    f = jnp.array([[[[3e-7, 4e-7], [3.0, 4.0]], [[0.0, 0.0], [-4.0, 3.0]]]], jnp.float32)
+    a = np.asarray(distillation.spatial_affinity(f))[0]
+    assert a.shape == (4, 4)
+    assert np.all(np.abs(a) <= 1.0 + 1e-6)
+    np.testing.assert_allclose(a[1, 1], 1.0, atol=1e-6)
+    np.testing.assert_allclose(a[1, 3], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(a[2], 0.0)  # an all-zero position is similar to nothing

@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -325,12 +326,6 @@ def test_export_params_keeps_one_step_of_params_alone_and_restores_in_the_given_
     np.testing.assert_array_equal(restored['b'], 1.0)
     state, _ = checkpointing.restore_newest(folder)
     assert set(state) == {'params'}  # a deliverable: no optimiser state, nothing else
-    # float64 leaves (restored as float32 without x64) are not mistaken for damage.
-    wide = str(tmp_path / 'float64')
-    checkpointing.export_params(wide, 1, {'b': np.full(3, 0.1)})
-    state, step = checkpointing.restore_newest(wide)
-    assert step == 1
-    np.testing.assert_array_equal(state['params']['b'], np.full(3, 0.1, np.float32))
     # One step is kept: a later export replaces the earlier one.
     checkpointing.export_params(folder, 9, params)
     assert sorted(p.name for p in (tmp_path / 'deliverable').iterdir() if p.name.isdigit()) == ['9']
@@ -347,3 +342,136 @@ def test_checkpoint_directory_and_what_a_missing_checkpoint_says(tmp_path):
     (bare / '5').write_text('not a checkpoint')
     with pytest.raises(FileNotFoundError, match=r"^no SR model checkpoint in '"):
         checkpointing.restore_params(str(bare), {}, 'SR model')
+
+
+def test_quarantine_never_overwrites_an_earlier_damaged_copy_and_says_where(tmp_path, caplog):
+    ckpt = checkpointing.Checkpointer(str(tmp_path), asynchronous=False)
+    try:
+        for round_ in range(3):
+            ckpt.save(3, {'w': np.full(2, round_, np.float32)})
+            with caplog.at_level(logging.WARNING):
+                ckpt.quarantine([3])
+        moved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('3.'))
+        assert moved == ['3.damaged', '3.damaged1', '3.damaged2']
+        expected = f'moved damaged checkpoint {tmp_path / "3"} to {tmp_path / "3.damaged2"}'
+        assert expected in [r.getMessage() for r in caplog.records]
+        assert ckpt.steps() == []
+    finally:
+        ckpt.close()
+
+
+def test_restore_without_a_target_reads_onto_one_device_whatever_the_saving_mesh(tmp_path):
+    # A teacher trained on 8 devices restores on a machine with fewer: the state comes back on
+    # this process's first device, not in the saving run's sharding.
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ('data',))
+    w = jax.device_put(np.arange(16, dtype=np.float32), NamedSharding(mesh, P('data')))
+    ckpt = checkpointing.Checkpointer(str(tmp_path), asynchronous=False)
+    try:
+        ckpt.save(1, {'w': w})
+    finally:
+        ckpt.close()
+    state, step = checkpointing.restore_newest(str(tmp_path))
+    assert step == 1
+    assert state['w'].sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    np.testing.assert_array_equal(state['w'], np.arange(16))
+
+
+def test_restore_newest_of_an_empty_folder_names_what_and_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^no model checkpoint in '{tmp_path}'$"):
+        checkpointing.restore_newest(str(tmp_path))
+
+
+def test_check_compatible_names_the_first_missing_or_extra_parameter_by_its_path():
+    kernel = lambda n: {'kernel': np.zeros(n, np.float32)}
+    saved = {'blocks': [kernel(2), kernel(2)], 'step': 3}  # a python int leaf has no shape
+    checkpointing.check_compatible(saved, {'blocks': [kernel(2), kernel(2)], 'step': 0}, 'w')
+    more = {'blocks': [kernel(2), kernel(2), kernel(2), kernel(2)], 'step': 0}
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r'^checkpoint w lacks parameter blocks/2/kernel that the config expects '
+        r'\(2 missing\); was it written with another model config\?$',
+    ):
+        checkpointing.check_compatible(saved, more, 'w')
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r'^checkpoint w has parameter blocks/1/kernel that the config does not '
+        r'\(1 extra\); was it written with another model config\?$',
+    ):
+        checkpointing.check_compatible(saved, {'blocks': [kernel(2)], 'step': 0}, 'w')
+
+
+def test_resume_into_another_shape_is_a_mismatch_naming_the_parameter(tmp_path):
+    import jax
+
+    ckpt = checkpointing.Checkpointer(str(tmp_path), asynchronous=False)
+    try:
+        for step in range(1, 6):
+            ckpt.save(step, {'w': np.full(4, step, np.float32)})
+        assert ckpt.steps() == [5, 4, 3]  # three kept by default
+        abstract = {'w': jax.ShapeDtypeStruct((5,), jnp.float32)}
+        with pytest.raises(
+            checkpointing.CheckpointMismatchError,
+            match=rf'^checkpoint {tmp_path} step 5: parameter w has shape \(4,\), the config '
+            r'builds \(5,\)',
+        ):
+            ckpt.restore(abstract)
+    finally:
+        ckpt.close()
+
+
+def test_a_read_only_restore_falls_back_without_moving_and_logs_why(tmp_path, caplog):
+    # Another job's checkpoints (a teacher read by the student job) are only read: a damaged
+    # step is skipped and logged, never moved. A digest that is not a JSON object is damage too.
+    ckpt = checkpointing.Checkpointer(str(tmp_path), asynchronous=False)
+    try:
+        for step in (1, 2, 3):
+            ckpt.save(step, {'w': np.full(2, step, np.float32)})
+    finally:
+        ckpt.close()
+    (tmp_path / '3' / 'digest' / 'metadata').write_text('[]')
+    for f in (tmp_path / '2' / 'state').rglob('*'):
+        if f.is_file() and f.parent.name == 'd':
+            f.unlink()  # the array data of step 2
+    with caplog.at_level(logging.WARNING):
+        state, step = checkpointing.restore_newest(str(tmp_path))
+    assert step == 1 and float(state['w'][0]) == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2', '3']
+    assert re.search(
+        rf'checkpoint step 2 in {re.escape(str(tmp_path))} is unreadable '
+        r'\(ValueError: NOT_FOUND: .+\); trying an older one',
+        caplog.text,
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert f'checkpoint step 3 in {tmp_path} fails its digest check; trying an older one' in (
+        messages
+    )
+    (tmp_path / '1' / 'digest' / 'metadata').write_text('{}')
+    with pytest.raises(
+        checkpointing.NoValidCheckpointError,
+        match=rf'^no checkpoint in {re.escape(str(tmp_path))} restores: step\(s\) 3, 2, 1 are '
+        r'damaged \(see the warnings above\)$',
+    ):
+        checkpointing.restore_newest(str(tmp_path))
+
+
+def test_a_save_below_the_newest_step_is_written_not_skipped(tmp_path):
+    # orbax skips a save at or below its newest step unless forced; after a fallback a job
+    # writes such steps again, and must not lose them silently.
+    ckpt = checkpointing.Checkpointer(str(tmp_path), asynchronous=False)
+    try:
+        ckpt.save(5, {'w': np.zeros(2, np.float32)})
+        ckpt.save(3, {'w': np.ones(2, np.float32)})
+        assert ckpt.steps() == [5, 3]
+    finally:
+        ckpt.close()
+
+
+def test_float64_leaves_restored_as_float32_are_not_mistaken_for_damage(tmp_path):
+    checkpointing.export_params(str(tmp_path), 1, {'b': np.full(3, 0.1)})
+    state, step = checkpointing.restore_newest(str(tmp_path))
+    assert step == 1
+    np.testing.assert_array_equal(state['params']['b'], np.full(3, 0.1, np.float32))
