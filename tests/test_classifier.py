@@ -296,16 +296,24 @@ def test_attack_evaluation_reports_consistent_accuracies(trained_cnn, tmp_path):
     ]
     assert per['pgd linf 0/255 x2']['accuracy'] == result['clean']['accuracy']
     assert per['pgd linf 0/255 x2']['mean_linf'] == 0.0
+    # One threat model here (L-inf 96/255; the eps = 0 attack is none): its worst case is the
+    # samples correct clean and under each of its four attacks, and no other group exists.
+    (threat,) = result['worst_case']
+    worst = result['worst_case'][threat]
+    assert threat == 'linf 96/255'
+    assert worst['attacks'] == [k for k in per if k != 'pgd linf 0/255 x2']
     for label, r in per.items():
-        assert result['worst_case']['accuracy'] <= r['accuracy'], label
+        assert worst['accuracy'] <= r['accuracy'], label
         assert r['max_linf'] <= r['config']['eps'] + 1e-6, label
-    assert result['worst_case']['accuracy'] <= result['clean']['accuracy']
+    assert worst['accuracy'] <= result['clean']['accuracy']
+    assert worst['robust'] == round(worst['accuracy'] * result['examples'])
     assert per['pgd linf 96/255 x3']['accuracy'] < result['clean']['accuracy']
 
     saved = json.load(open(tmp_path / 'results.json'))['attacks']
     assert saved['clean']['accuracy'] == result['clean']['accuracy']
     table = open(tmp_path / 'attacks_table.md').read()
     assert f'| clean | {result["clean"]["accuracy"]:.3f} |' in table
+    assert f'| worst case linf 96/255 | {worst["accuracy"]:.3f} |' in table
     assert '0.5 + 10 x delta' in table
     assert (tmp_path / 'attacks_grid.png').exists()
 
