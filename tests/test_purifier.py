@@ -59,6 +59,17 @@ def block_image_folder(folder):
     return folder
 
 
+def _short_run(c, total_steps: int) -> None:
+    """A few logged steps at a constant 3e-3, no checkpoint in between, a 2-row grid."""
+    c.total_steps = total_steps
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.optim.schedule = 'constant'
+    c.optim.warmup_steps = 0
+    c.optim.lr = 3e-3
+    c.grid_samples = 2
+
+
 def check_no_labels(monkeypatch):
     """Wraps training.fit so that every batch the job trains on, and every batch its loss is
     traced with, is asserted to hold images only; returns the counts seen."""
@@ -96,13 +107,7 @@ def test_purifier_trains_without_labels_and_loss_falls(tmp_path, monkeypatch):
     c.data.eval_images = 8
     c.perturb.steps = 2
     c.batch_size = 8
-    c.total_steps = 24
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.optim.schedule = 'constant'
-    c.optim.warmup_steps = 0
-    c.optim.lr = 3e-3
-    c.grid_samples = 2
+    _short_run(c, total_steps=24)
 
     seen = check_no_labels(monkeypatch)
     writer = RecordingWriter()
@@ -377,13 +382,7 @@ def test_denoiser_job_trains_without_labels_on_8_devices_and_restores(tmp_path, 
     c.data.path = str(block_image_folder(tmp_path / 'images'))
     c.data.patch = 16
     c.data.eval_images = 8
-    c.total_steps = 12
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.optim.schedule = 'constant'
-    c.optim.warmup_steps = 0
-    c.optim.lr = 3e-3
-    c.grid_samples = 2
+    _short_run(c, total_steps=12)
     seen = check_no_labels(monkeypatch)
     writer = RecordingWriter()
     workdir = str(tmp_path / 'work')

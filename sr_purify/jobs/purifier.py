@@ -488,19 +488,12 @@ def train_and_evaluate(
         f'# {title}\n\n{table}\n\nGrid purifier_grid.png, one row per image: '
         f"clean | x' | P(x') | P(x).\nPurifier parameters: {export_dir}",
     )
-    n = min(config.get('grid_samples', 6), len(held))
-    up = (held.shape[1] * 3, held.shape[2] * 3)
-    grid_rows = [
-        [
-            reporting.nearest_upscale(t, up)
-            for t in (held[i].astype(np.float32) / 255.0, x_adv[i], p_adv[i], p_clean[i])
-        ]
-        for i in range(n)
-    ]
-    reporting.write_grid(
+    _write_grid(
         workdir,
-        'purifier_grid.png',
-        reporting.image_grid(grid_rows, labels=('clean', "x'", "P(x')", 'P(x)')),
+        config,
+        held,
+        (x_adv, p_adv, p_clean),
+        ('clean', "x'", "P(x')", 'P(x)'),
         log,
         result.step,
     )
@@ -933,19 +926,12 @@ def train_denoiser(
         f'# {title}\n\n{table}\n\nGrid purifier_grid.png, one row per image (sigma '
         f'{sigmas[0]:g}): clean | x+n | D(x+n) | D(x).\nDenoiser parameters: {export_dir}',
     )
-    n = min(config.get('grid_samples', 6), len(held))
-    up = (held.shape[1] * 3, held.shape[2] * 3)
-    grid_rows = [
-        [
-            reporting.nearest_upscale(np.clip(t, 0.0, 1.0), up)
-            for t in (held[i].astype(np.float32) / 255.0, noisy[i], denoised[i], clean[i])
-        ]
-        for i in range(n)
-    ]
-    reporting.write_grid(
+    _write_grid(
         workdir,
-        'purifier_grid.png',
-        reporting.image_grid(grid_rows, labels=('clean', 'x+n', 'D(x+n)', 'D(x)')),
+        config,
+        held,
+        (noisy, denoised, clean),
+        ('clean', 'x+n', 'D(x+n)', 'D(x)'),
         log,
         result.step,
     )
@@ -961,3 +947,20 @@ def train_denoiser(
     )
     log.flush()
     return result
+
+
+def _write_grid(workdir, config, held, columns, labels, log, step) -> None:
+    """purifier_grid.png: per held-out image, the clean uint8 image then each of `columns`
+    (float batches in [0, 1], clipped for display), enlarged 3x."""
+    n = min(config.get('grid_samples', 6), len(held))
+    up = (held.shape[1] * 3, held.shape[2] * 3)
+    rows = [
+        [
+            reporting.nearest_upscale(np.clip(t, 0.0, 1.0), up)
+            for t in (held[i].astype(np.float32) / 255.0, *(c[i] for c in columns))
+        ]
+        for i in range(n)
+    ]
+    reporting.write_grid(
+        workdir, 'purifier_grid.png', reporting.image_grid(rows, labels=labels), log, step
+    )
