@@ -359,3 +359,10 @@ def test_the_mode_end_to_end_writes_table_json_plot_and_grid(teacher, tmp_path):
     assert 'universal from teacher' in (out / 'sr_robustness_table.md').read_text()
     with PILImage.open(out / 'sr_robustness_grid.png') as grid:
         assert grid.size[0] > 5 * 16 and grid.size[1] > 3 * 16  # 5 columns, 3 model rows.
+    # A defence whose settings are not all numbers (the input purifier's checkpoint and kind).
+    results['defences']['input_purifier'] = {
+        'settings': {'checkpoint': '/purifier', 'kind': 'nrp', 'step': 3},
+        'random': False,
+    }
+    line = [s for s in sr_robustness_report.notes(results) if 'input_purifier' in s][0]
+    assert line.startswith('- defence input_purifier (checkpoint /purifier, kind nrp, step 3):')

@@ -241,7 +241,10 @@ def notes(results: Dict[str, Any]) -> List[str]:
             "to the target; drop against the target's clean PSNR"
         )
     for name, d in results['defences'].items():
-        settings = ', '.join(f'{k} {v:g}' for k, v in d['settings'].items())
+        settings = ', '.join(
+            f'{k} {v:g}' if isinstance(v, (int, float)) else f'{k} {v}'
+            for k, v in d['settings'].items()
+        )
         how = (
             f'random: EOT over {s["eot_draws"]} draws, exact gradients'
             if d['random']
