@@ -98,7 +98,11 @@ def sr_service_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     # S, frozen: a teacher or student workdir (restore.load(..., 'sr')); its scale makes the LR.
     c.sr_model = ml_collections.ConfigDict(dict(checkpoint=''))
     # d = attacks.sr_attack on S (L-inf, random start), made per step inside the jitted step.
-    c.perturb = ml_collections.ConfigDict(dict(eps=4 / 255, steps=3, step_size=2 / 255))
+    # against: 'defended' attacks S(P(.)) with P's current parameters (adversarial training: the
+    # adaptive attacker's perturbation); 'model' attacks S alone (the oblivious one).
+    c.perturb = ml_collections.ConfigDict(
+        dict(eps=4 / 255, steps=3, step_size=2 / 255, against='defended')
+    )
     c.loss = ml_collections.ConfigDict(dict(sr=1.0, identity=1.0))
     c.data = ml_collections.ConfigDict(
         dict(

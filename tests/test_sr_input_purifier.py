@@ -176,3 +176,42 @@ def test_a_missing_checkpoint_is_a_one_line_error(sr_workdir, tmp_path):
     c.sr_model.checkpoint = ''
     with pytest.raises(ValueError, match=r'needs --config.sr_model.checkpoint=<'):
         purifier_job.train_and_evaluate(c, str(tmp_path / 'w'))
+
+
+def test_the_training_perturbation_attacks_what_perturb_against_names(sr_workdir, tmp_path):
+    """'defended' crafts d on S(P(.)) with P's current parameters (adversarial training of P);
+    'model' on S alone. The two give different losses once P is not the identity."""
+    _, p, p_params = identity_purifier_workdir(tmp_path / 'p', sr_workdir)
+    leaves, tree = jax.tree.flatten(p_params)
+    noise = jax.random.split(jax.random.key(5), len(leaves))
+    moved = jax.tree.unflatten(
+        tree, [a + 0.02 * jax.random.normal(k, a.shape) for a, k in zip(leaves, noise)]
+    )
+    sr = restore.load(str(sr_workdir), 'sr')
+
+    def fn(variables, x):
+        return sr.module.apply(variables, x)
+
+    x = jax.random.uniform(jax.random.key(3), (2, 8, 8, 3))
+    assert float(jnp.abs(p.purify(moved, x) - x).max()) > 1e-3  # P is not the identity.
+    key = jax.random.key(4)
+    target, variables = purifier_job._sr_attack_target(p, fn, 'defended')(sr.variables, moved, key)
+    np.testing.assert_array_equal(target(variables, x), fn(sr.variables, p.purify(moved, x)))
+    target, variables = purifier_job._sr_attack_target(p, fn, 'model')(sr.variables, moved, key)
+    assert target is fn and variables is sr.variables
+
+    losses = {}
+    for against in purifier_job.SR_ATTACK_TARGETS:
+        c = tiny_config(sr_workdir)
+        c.perturb.against = against
+        loss_fn = purifier_job.make_sr_service_loss_fn(p, fn, c)
+        losses[against], _ = loss_fn(moved, {}, {'image': x}, key, sr.variables)
+    assert np.isfinite(losses['model']) and losses['defended'] != losses['model']
+    # The adaptive perturbation moves S(P(.)) further than one made on S alone.
+    assert losses['defended'] > losses['model']
+
+    c = tiny_config(sr_workdir)
+    c.perturb.against = 'purifier'
+    valid = r"unknown perturb.against 'purifier'; valid: defended, model"
+    with pytest.raises(ValueError, match=valid):
+        purifier_job.train_and_evaluate(c, str(tmp_path / 'w'))

@@ -538,6 +538,11 @@ def check_sr_service_config(config: ml_collections.ConfigDict) -> Dict[str, floa
             f'perturb.eps must be >= 0 and perturb.steps >= 1; got {config.perturb.eps}, '
             f'{config.perturb.steps}'
         )
+    if config.perturb.get('against', 'defended') not in SR_ATTACK_TARGETS:
+        raise ValueError(
+            f'unknown perturb.against {config.perturb.against!r}; valid: '
+            f'{", ".join(SR_ATTACK_TARGETS)}'
+        )
     return {k: float(w) for k, w in weights.items() if w}
 
 
@@ -579,6 +584,26 @@ def load_lr_images(config: ml_collections.ConfigDict, scale: int) -> Tuple[list,
     return bank, _fixed_crops(held, d.patch, d.eval_images), source
 
 
+SR_ATTACK_TARGETS = ('defended', 'model')
+
+
+def _sr_attack_target(purifier: purifiers.Purifier, sr_fn, against: str):
+    """`(sr_vars, params, key) -> (fn, variables)`: what the training perturbation d attacks.
+
+    'defended': S(P(.)) with P's current parameters, the adaptive attacker's view (adversarial
+    training of P, Madry et al. 2018); 'model': S alone, the oblivious attacker's perturbation.
+    """
+    if against == 'model':
+        return lambda sr_vars, params, key: (sr_fn, sr_vars)
+    if against == 'defended':
+
+        def defended(variables, x):
+            return sr_fn(variables['sr'], purifier.purify(variables['p'], x, variables['key']))
+
+        return lambda sr_vars, params, key: (defended, {'sr': sr_vars, 'p': params, 'key': key})
+    raise ValueError(f'unknown perturb.against {against!r}; valid: {", ".join(SR_ATTACK_TARGETS)}')
+
+
 def make_sr_service_loss_fn(purifier: purifiers.Purifier, sr_fn, config: ml_collections.ConfigDict):
     """`loss_fn(params, model_state, batch, rng, sr_variables)` for `training.fit`.
 
@@ -586,14 +611,16 @@ def make_sr_service_loss_fn(purifier: purifiers.Purifier, sr_fn, config: ml_coll
     """
     weights = check_sr_service_config(config)
     p = config.perturb
+    attack_target = _sr_attack_target(purifier, sr_fn, p.get('against', 'defended'))
 
     def loss_fn(params, model_state, batch, rng, sr_vars):
         x = batch['image']
         sr_vars = jax.lax.stop_gradient(sr_vars)
         k_attack, k_noise, k_noise_id = jax.random.split(rng, 3)
+        fn, variables = attack_target(sr_vars, jax.lax.stop_gradient(params), k_noise)
         x_adv = jax.lax.stop_gradient(
             attacks.sr_attack(
-                sr_fn, sr_vars, x, k_attack, eps=p.eps, steps=p.steps, step_size=p.step_size
+                fn, variables, x, k_attack, eps=p.eps, steps=p.steps, step_size=p.step_size
             )
         )
         target = jax.lax.stop_gradient(sr_fn(sr_vars, x))
@@ -648,17 +675,31 @@ def train_sr_service(
     key = jax.random.key(config.seed + 1)
     p = config.perturb
 
+    defended = _sr_attack_target(purifier, sr_fn, 'defended')
+
     @jax.jit
     def measure(params, sr_vars):
+        k = jax.random.fold_in(key, 1)
         x_adv = attacks.sr_attack(
             sr_fn, sr_vars, x_held, key, eps=p.eps, steps=p.steps, step_size=p.step_size
         )
-        k = jax.random.fold_in(key, 1)
+        # The adaptive attacker: the same attack through P, on what the service runs.
+        x_adaptive = attacks.sr_attack(
+            *defended(sr_vars, params, k),
+            x_held,
+            key,
+            eps=p.eps,
+            steps=p.steps,
+            step_size=p.step_size,
+        )
         target = sr_fn(sr_vars, x_held)
         return {
             'psnr_sr_attacked': psnr(sr_fn(sr_vars, x_adv), target),
             'psnr_sr_purified_attacked': psnr(
                 sr_fn(sr_vars, purifier.purify(params, x_adv, k)), target
+            ),
+            'psnr_sr_purified_adaptive': psnr(
+                sr_fn(sr_vars, purifier.purify(params, x_adaptive, k)), target
             ),
             'psnr_sr_purified_clean': psnr(
                 sr_fn(sr_vars, purifier.purify(params, x_held, k)), target
@@ -690,18 +731,21 @@ def train_sr_service(
     log.write_scalars(result.step, {f'eval/{k}': v for k, v in after.items()})
     title = (
         f'SR-service purifier {purifier.kind} after {result.step} steps (LR only, no HR, no '
-        f'labels), {len(held)} held-out LR crops, d = SR attack on S at eps {p.eps * 255:g}/255'
+        f'labels), {len(held)} held-out LR crops, d = SR attack on S at eps {p.eps * 255:g}/255, '
+        f'{p.steps} steps; trained against {p.get("against", "defended")}'
     )
     header = [
         '',
         'PSNR S(x+d) vs S(x)',
         'PSNR S(P(x+d)) vs S(x)',
+        "PSNR S(P(x+d')) vs S(x), d' through P",
         'PSNR S(P(x)) vs S(x)',
         'PSNR P(x) vs x',
     ]
     keys = (
         'psnr_sr_attacked',
         'psnr_sr_purified_attacked',
+        'psnr_sr_purified_adaptive',
         'psnr_sr_purified_clean',
         'psnr_p_clean',
     )
