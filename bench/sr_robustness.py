@@ -2,12 +2,14 @@
 defence (run by hand, never in CI).
 
   python bench/sr_robustness.py --student=workdirs/student --teacher=workdirs/teacher \\
-    [--workdir=workdirs/bench_sr_robustness] [--steps=50] [--eot_draws=20]
+    [--input_purifier=workdirs/sr_purifier] [--workdir=workdirs/bench_sr_robustness] \\
+    [--steps=50] [--eot_draws=20]
 
 Runs configs/evaluate.py:sr_robustness on Set5 and Set14 at x2, eps 2/255 and 4/255: the basic
 attack of Choi et al. 2019 (L-inf, --steps steps of eps / steps, random start; the universal
 attack only with --universal_steps > 0) on the student and the teacher, bare and behind each
-defence (self_ensemble, resize, median_smoothing), each defence under the oblivious attacker (the
+defence (self_ensemble, resize, median_smoothing; input_purifier with --input_purifier, the
+workdir of configs/purifier.py:sr_service), each defence under the oblivious attacker (the
 attack on the bare model, fed to the defence) and the adaptive one (the attack through the
 defence; EOT over --eot_draws draws for median smoothing). Prints a markdown table: per set,
 model and eps, the PSNR drop (dB, Y, against HR) under each attacker for no defence and each
@@ -31,8 +33,10 @@ BENCHMARKS = os.path.join(REPO, '..', 'shared', 'data', 'sr_benchmarks')
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--student', required=True, help="a student job's workdir")
-    p.add_argument('--teacher', required=True, help="a teacher job's workdir")
+    p.add_argument('--student', default='', help="a student job's workdir")
+    p.add_argument(
+        '--teacher', default='', help="a teacher job's workdir (transfer needs both models)"
+    )
     p.add_argument('--workdir', default=os.path.join(REPO, 'workdirs', 'bench_sr_robustness'))
     p.add_argument(
         '--datasets',
@@ -45,6 +49,11 @@ def parse_args():
     p.add_argument('--eot_draws', type=int, default=20)
     p.add_argument('--universal_steps', type=int, default=0, help='0: no universal attack')
     p.add_argument('--defences', default='self_ensemble,resize,median_smoothing')
+    p.add_argument(
+        '--input_purifier',
+        default='',
+        help='a configs/purifier.py:sr_service workdir: adds the input_purifier defence',
+    )
     p.add_argument('--resize_factor', type=float, default=0.75)
     p.add_argument('--median_sigma', type=float, default=0.02)
     p.add_argument('--median_samples', type=int, default=9)
@@ -70,6 +79,8 @@ def cpu_line() -> str:
 
 def main():
     args = parse_args()
+    if not (args.student or args.teacher):
+        sys.exit('error: pass --student=<workdir>, --teacher=<workdir> or both')
     from sr_purify import perf
 
     perf.apply_cpu_defaults()  # As launch.py does: the job here runs the same way.
@@ -90,6 +101,9 @@ def main():
     c.adaptive.steps, c.adaptive.eot_draws = args.adaptive_steps, args.eot_draws
     c.universal.steps = args.universal_steps
     c.defences = tuple(d for d in args.defences.split(',') if d)
+    if args.input_purifier:
+        c.defences = tuple(d for d in c.defences if d != 'input_purifier') + ('input_purifier',)
+        c.defence.input_purifier.checkpoint = args.input_purifier
     c.defence.resize.factor = args.resize_factor
     c.defence.median_smoothing.sigma = args.median_sigma
     c.defence.median_smoothing.samples = args.median_samples
@@ -101,7 +115,8 @@ def main():
     wall = time.time() - t
 
     header = ['set', 'model', 'eps', 'defence', 'clean cost', 'oblivious drop', 'adaptive drop']
-    rows = sr_robustness_report.summary_rows(results, ['student', 'teacher'])
+    models = [m for m in ('student', 'teacher') if getattr(args, m)]
+    rows = sr_robustness_report.summary_rows(results, models)
     table = reporting.markdown_table(header, rows)
     lines = [
         '',
@@ -114,7 +129,7 @@ def main():
         'Target (issue 19): student, eps 4/255, adaptive drop < 1 dB at a clean cost <= 0.2 dB:',
     ]
     target = '4/255'
-    for set_name, entry in results['datasets'].items():
+    for set_name, entry in results['datasets'].items() if args.student else ():
         student = entry['models']['student']
         for name, d in student['defences'].items():
             if target not in d['adaptive']:

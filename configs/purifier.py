@@ -114,10 +114,12 @@ def sr_service_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         )
     )
     c.batch_size = 16
-    c.total_steps = 200
-    c.log_every = 25
-    c.checkpoint_every = 100
-    c.optim.lr = 5e-4
+    # Measured on the main job's student (2-core Xeon, about 8 min): 200 steps at lr 5e-4 left P
+    # the identity (P(x) vs x 81 dB); 1,000 at 1e-3 moves it, at 0.18 dB of clean Set5 PSNR.
+    c.total_steps = 1000
+    c.log_every = 100
+    c.checkpoint_every = 500
+    c.optim.lr = 1e-3
     c.optim.warmup_steps = 20
     return c
 
