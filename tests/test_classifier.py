@@ -358,3 +358,28 @@ def test_configs_build_and_reject_unknown_variants(image_folder, tmp_path):
     assert att.data.eval_examples == 123
     for a in att.attacks:
         attacks.validate(a)
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    from configs import classifier
+
+    model = models.build(models.flatten_config(classifier.small_cnn(num_classes=3)))
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    labels = jnp.array([0, 1, 2, 1])
+    params = model.init(jax.random.key(1), x, train=False)['params']
+    logits = model.apply({'params': params}, x, train=True)
+    log_p = jax.nn.log_softmax(logits)
+    hard = -log_p[jnp.arange(4), labels]
+    s = 0.1  # (1 - s) on the label, s / 3 on every class.
+    expected = jnp.mean((1 - s) * hard - s / 3 * log_p.sum(-1))
+    batch = {'image': x, 'label': labels}
+    loss, (_, metrics) = classifier_job.make_loss_fn(model, s)(params, {}, batch, None)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    plain, _ = classifier_job.make_loss_fn(model)(params, {}, batch, None)
+    np.testing.assert_allclose(plain, jnp.mean(hard), rtol=1e-6)
+    assert float(metrics['accuracy']) == float(jnp.mean(jnp.argmax(logits, -1) == labels))
+    with pytest.raises(ValueError, match=r'label_smoothing must be in \[0, 1\); got 1.0'):
+        classifier_job.make_loss_fn(model, 1.0)
+    victim = classifier.get_config('victim')
+    assert victim.label_smoothing == 0.1 and victim.data.train_examples == 0
+    assert victim.data.eval_examples == 0 and victim.total_steps == 7_000

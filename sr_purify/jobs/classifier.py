@@ -35,8 +35,14 @@ def init_variables_fn(model, image_shape) -> Callable[[jax.Array], Tuple[Any, An
     return init_variables
 
 
-def make_loss_fn(model) -> training.LossFn:
-    """Cross-entropy in training mode; BatchNorm statistics come back as the new model state."""
+def make_loss_fn(model, label_smoothing: float = 0.0) -> training.LossFn:
+    """Cross-entropy in training mode; BatchNorm statistics come back as the new model state.
+
+    `label_smoothing` > 0 trains against (1 - s) one-hot + s / classes (Szegedy et al. 2016);
+    the accuracy is always against the hard labels.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
 
     def loss_fn(params, model_state, batch, rng):
         del rng  # No dropout; augmentation happens in the input pipeline.
@@ -48,7 +54,12 @@ def make_loss_fn(model) -> training.LossFn:
         else:
             logits, new_state = model.apply(variables, batch['image'], train=True), model_state
         logits = logits.astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+        if label_smoothing:
+            targets = jax.nn.one_hot(batch['label'], logits.shape[-1])
+            targets = optax.smooth_labels(targets, label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
         return loss, (new_state, {'accuracy': accuracy})
 
@@ -155,7 +166,7 @@ def train_and_evaluate(
         config,
         workdir,
         init_variables=init_variables_fn(model, test.images.shape[1:]),
-        loss_fn=make_loss_fn(model),
+        loss_fn=make_loss_fn(model, config.get('label_smoothing', 0.0)),
         batches=batches,
         evaluate=evaluate,
         writer=writer,
