@@ -48,6 +48,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from sr_purify.evaluators import sr_defences
 from sr_purify.evaluators.sr_robustness_attacks import (  # noqa: F401  (this module's API too)
@@ -374,6 +375,17 @@ def evaluate(
             if grid is not None:
                 grid_rows.append((m.name, grid))
             results['seconds'][f'{set_name}/{m.name}'] = time.time() - t
+            # The evaluation runs for hours on a CPU: say where it is.
+            summary = entry['models'][m.name]
+            logging.info(
+                'SR robustness %s / %s: %d images in %.0f s; clean %.3f dB, basic drop %s',
+                set_name,
+                m.name,
+                len(samples),
+                time.time() - t,
+                summary['clean'],
+                ', '.join(f'{k} {v["drop"]:.3f}' for k, v in summary['basic'].items()),
+            )
         samples_out['universal'][set_name] = {
             name: dict(zip(settings.labels, d)) for name, d in deltas.items()
         }
