@@ -13,7 +13,7 @@ from conftest import RecordingWriter, tiny_sr_config
 
 from configs import purifier as purifier_config
 from sr_purify import checkpointing, models, purifiers, reporting, restore, sr_data, training
-from sr_purify.evaluators import sr_defences
+from sr_purify.evaluators import sr_defences, sr_robustness_attacks
 from sr_purify.evaluators.sr import make_lr
 from sr_purify.image_ops import Image
 from sr_purify.jobs import purifier as purifier_job
@@ -159,6 +159,13 @@ def test_input_purifier_with_an_identity_p_equals_the_bare_model(sr_workdir, tmp
         fn, sr.variables, x, purifier=p, purifier_params=moved
     ) - fn(sr.variables, x)
     assert float(jnp.abs(changed).max()) > 1e-3
+    # A gray image (Set14 has two): replicated into the RGB P, channel mean out, then f.
+    gray = x[..., :1]
+    out = sr_defences.input_purifier(fn, sr.variables, gray, purifier=p, purifier_params=moved)
+    purified = jnp.mean(p.purify(moved, jnp.repeat(gray, 3, axis=-1)), axis=-1, keepdims=True)
+    np.testing.assert_array_equal(out, fn(sr.variables, purified))
+    gray_fn = sr_robustness_attacks.image_fn(fn, 1)  # How the evaluation runs a gray image.
+    assert defence(gray_fn, sr.variables, gray).shape == (2, 20, 24, 1)
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(sr_workdir, tmp_path):

@@ -110,7 +110,14 @@ def median_smoothing(
 def input_purifier(
     sr_fn: SRFn, params, x: jax.Array, key=None, *, purifier, purifier_params
 ) -> jax.Array:
-    """f(P(x)), P a trained purifier (LR in, LR out) with its parameters fixed."""
+    """f(P(x)), P a trained purifier (LR in, LR out) with its parameters fixed.
+
+    P is an RGB network; a gray x (Set14 has two) goes through it as the SR models do:
+    replicated to three channels in, channel mean out.
+    """
+    if x.shape[-1] == 1:
+        rgb = purifier.purify(purifier_params, jnp.repeat(x, 3, axis=-1), key)
+        return sr_fn(params, jnp.mean(rgb, axis=-1, keepdims=True))
     return sr_fn(params, purifier.purify(purifier_params, x, key))
 
 
