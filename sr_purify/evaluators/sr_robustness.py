@@ -374,7 +374,7 @@ def evaluate(
             adversarial[m.name] = advs
             if grid is not None:
                 grid_rows.append((m.name, grid))
-            results['seconds'][f'{set_name}/{m.name}'] = time.time() - t
+            seconds = results['seconds'][f'{set_name}/{m.name}'] = time.time() - t
             # The evaluation runs for hours on a CPU: say where it is.
             summary = entry['models'][m.name]
             logging.info(
@@ -382,7 +382,7 @@ def evaluate(
                 set_name,
                 m.name,
                 len(samples),
-                time.time() - t,
+                seconds,
                 summary['clean'],
                 ', '.join(f'{k} {v["drop"]:.3f}' for k, v in summary['basic'].items()),
             )

@@ -46,6 +46,7 @@ from sr_purify import (
     sharding,
     training,
 )
+from sr_purify.evaluators import sr_defences
 
 PyTree = Any
 DATA_SOURCES = ('cifar', 'folder', 'embedded')
@@ -538,11 +539,7 @@ def check_sr_service_config(config: ml_collections.ConfigDict) -> Dict[str, floa
             f'perturb.eps must be >= 0 and perturb.steps >= 1; got {config.perturb.eps}, '
             f'{config.perturb.steps}'
         )
-    if config.perturb.get('against', 'defended') not in SR_ATTACK_TARGETS:
-        raise ValueError(
-            f'unknown perturb.against {config.perturb.against!r}; valid: '
-            f'{", ".join(SR_ATTACK_TARGETS)}'
-        )
+    _check_against(config.perturb.get('against', 'defended'))
     return {k: float(w) for k, w in weights.items() if w}
 
 
@@ -587,21 +584,36 @@ def load_lr_images(config: ml_collections.ConfigDict, scale: int) -> Tuple[list,
 SR_ATTACK_TARGETS = ('defended', 'model')
 
 
+def _check_against(against: str) -> None:
+    if against not in SR_ATTACK_TARGETS:
+        raise ValueError(
+            f'unknown perturb.against {against!r}; valid: {", ".join(SR_ATTACK_TARGETS)}'
+        )
+
+
 def _sr_attack_target(purifier: purifiers.Purifier, sr_fn, against: str):
     """`(sr_vars, params, key) -> (fn, variables)`: what the training perturbation d attacks.
 
     'defended': S(P(.)) with P's current parameters, the adaptive attacker's view (adversarial
-    training of P, Madry et al. 2018); 'model': S alone, the oblivious attacker's perturbation.
+    training of P, Madry et al. 2018), computed by the evaluation's own `input_purifier` defence
+    so that training and evaluation attack the same function; 'model': S alone, the oblivious
+    attacker's perturbation.
     """
+    _check_against(against)
     if against == 'model':
         return lambda sr_vars, params, key: (sr_fn, sr_vars)
-    if against == 'defended':
 
-        def defended(variables, x):
-            return sr_fn(variables['sr'], purifier.purify(variables['p'], x, variables['key']))
+    def defended(variables, x):
+        return sr_defences.input_purifier(
+            sr_fn,
+            variables['sr'],
+            x,
+            variables['key'],
+            purifier=purifier,
+            purifier_params=variables['p'],
+        )
 
-        return lambda sr_vars, params, key: (defended, {'sr': sr_vars, 'p': params, 'key': key})
-    raise ValueError(f'unknown perturb.against {against!r}; valid: {", ".join(SR_ATTACK_TARGETS)}')
+    return lambda sr_vars, params, key: (defended, {'sr': sr_vars, 'p': params, 'key': key})
 
 
 def make_sr_service_loss_fn(purifier: purifiers.Purifier, sr_fn, config: ml_collections.ConfigDict):
