@@ -127,7 +127,7 @@ def test_the_job_writes_a_marked_model_folder_and_detects_its_own_mark(
     assert result['probes'] == 8 and result['strength'] == STRENGTH
     on_marked, on_clean = result['detect']['watermarked'], result['detect']['unmarked']
     assert on_marked['p_value'] == 1 / (1 + NULL_KEYS) and on_marked['derived']
-    assert on_marked['null_keys'] == NULL_KEYS and on_marked['z'] > 10
+    assert on_marked['null_keys'] == NULL_KEYS and on_marked['z'] > 6
     # All of the mark but what the 8-bit rounding and the clip to [0, 1] take.
     assert 0.8 < on_marked['inherited'] < 1.05
     assert on_clean == dict(on_clean, statistic=0.0, p_value=1.0, derived=False)
@@ -294,6 +294,31 @@ def test_watermarked_keeps_the_parameter_tree_and_adds_exactly_the_mark(probes):
     assert abs(np.corrcoef(other.ravel(), m.ravel())[0, 1]) < 0.5
     flat = jnp.full_like(x, 0.4)
     assert np.abs(np.asarray(wm.mark(wm.mark_weights(SEED), flat, SCALE, STRENGTH))).max() < 1e-6
+
+
+def test_the_mark_commutes_with_flips_and_quarter_turns(probes):
+    # A thief trains on flipped and rotated pairs and learns the mark averaged over them: only an
+    # equivariant mark survives that average whole. Non-square, so a turn changes the shape.
+    x = jnp.asarray(probes[:2, :, 3:])
+    weights = wm.mark_weights(SEED)
+    m = wm.mark(weights, x, SCALE, STRENGTH)
+    assert float(jnp.abs(m).max()) > 0.2 * STRENGTH / 255
+    for flip, turns in wm.DIHEDRAL:
+        moved = wm.mark(weights, wm.transform(x, flip, turns), SCALE, STRENGTH)
+        np.testing.assert_allclose(moved, wm.transform(m, flip, turns), atol=1e-7)
+
+    # The one-pass field is the D4 average of the plain random network, branch by branch.
+    def plain(lr):
+        h = jnp.tanh(wm._conv(wm.HP_GAIN * wm.high_pass(lr), weights['conv1']))
+        h = jnp.tanh(wm._conv(h, weights['conv2']))
+        half = wm.HIDDEN // 2
+        return jnp.tanh(wm.Z_GAIN * jnp.sum(h[..., :half] * h[..., half:] * weights['mix'], -1))
+
+    average = (
+        sum(wm.untransform(plain(wm.transform(x, f, t))[..., None], f, t) for f, t in wm.DIHEDRAL)
+        / 8
+    )
+    np.testing.assert_allclose(wm.mark_field(weights, x), average, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
