@@ -20,7 +20,8 @@ p = (1 + #{null >= owner}) / (1 + null_keys) satisfies P(p <= alpha) <= alpha.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Sequence
+import functools
+from typing import Any, Dict, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -201,7 +202,6 @@ def to_lr(residuals_y: jax.Array, lr_hw) -> jax.Array:
     return down[..., 0]
 
 
-@jax.jit
 def _scores(seeds, probes, basis, residuals_lr):
     """(keys, suspects) projections of each residual on the direction of each key's mark, both
     with the generic basis projected out (detect_many divides by a perfect copy's to get the
@@ -221,6 +221,30 @@ def _scores(seeds, probes, basis, residuals_lr):
         )
 
     return jax.lax.map(one, seeds, batch_size=8)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_scores(devices: Tuple[jax.Device, ...]):
+    """`_scores` compiled with the keys split over `devices` (one program per device set)."""
+    spec = jax.sharding.PartitionSpec
+    return jax.jit(
+        jax.shard_map(
+            _scores,
+            mesh=jax.sharding.Mesh(np.array(devices), ('keys',)),
+            in_specs=(spec('keys'), spec(), spec(), spec()),
+            out_specs=spec('keys'),
+        )
+    )
+
+
+def _scores_on_devices(seeds: np.ndarray, probes, basis, residuals_lr) -> np.ndarray:
+    """`_scores` with the keys split over this host's devices: XLA runs each of these small
+    convolutions on one thread, so one device per core (as launch.py sets up) is what uses all
+    of them. Seeds are padded to a multiple of the device count with repeats, dropped after."""
+    devices = tuple(jax.local_devices())
+    padded = np.resize(seeds, -(-len(seeds) // len(devices)) * len(devices))
+    run = _sharded_scores(devices)
+    return np.asarray(run(jnp.asarray(padded), probes, basis, residuals_lr))[: len(seeds)]
 
 
 def detect_many(
@@ -254,7 +278,7 @@ def detect_many(
     residuals_lr = to_lr(residuals, probes.shape[1:3]) / unit
     seeds = np.concatenate([[seed], null_seeds(seed, null_keys)]).astype(np.uint32)
     basis = generic_basis(probes)
-    stats = np.asarray(_scores(jnp.asarray(seeds), jnp.asarray(probes), basis, residuals_lr))
+    stats = _scores_on_devices(seeds, jnp.asarray(probes), basis, jnp.asarray(residuals_lr))
     stats = stats.astype(np.float64)
     full = stats[0, -1]
     decisions = []
