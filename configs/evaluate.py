@@ -144,7 +144,7 @@ def purifier_entry(kind: str, checkpoint: str = '', label: str = '') -> ml_colle
     from configs import purifier
 
     entry = purifier.purifier_config(kind).to_dict()
-    del entry['feature']  # Training-only.
+    del entry['feature'], entry['init_checkpoint']  # Training-only.
     return ml_collections.ConfigDict(dict(entry, checkpoint=checkpoint, label=label))
 
 

@@ -79,6 +79,9 @@ def purifier_config(kind: str = 'sr_resample') -> ml_collections.ConfigDict:
             input_noise=0.0,  # > 0: Gaussian noise before purifying (random, so EOT applies)
             student=student_config.student_model('edsr', 2),  # the SR network of sr_resample
             student_checkpoint='',  # a student job's workdir (its `student/` export); '' = random
+            # A purifier job's workdir to start training from (same kind and architecture; e.g.
+            # the MSE denoiser before its stability fine-tune); '' = as above.
+            init_checkpoint='',
             # The NRP generator (models 'nrp'): CPU-small; the paper's is larger (see `:full`).
             nrp=dict(
                 num_blocks=1, features=16, growth=8, num_dense=2, dense_layers=4, res_scale=0.2

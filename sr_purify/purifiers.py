@@ -231,7 +231,11 @@ def build(cfg: ml_collections.ConfigDict, mesh=None) -> Purifier:
 
 
 def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.Array) -> PyTree:
-    """Starting parameters for training: the distilled student for sr_resample, else random."""
+    """Starting parameters for training: a trained purifier's (`init_checkpoint`, e.g. the MSE
+    denoiser that Salman et al. 2020 fine-tune with the stability loss), else the distilled
+    student for sr_resample, else random."""
+    if cfg.get('init_checkpoint', ''):
+        return _params_of_same_purifier(purifier, cfg.init_checkpoint)
     if purifier.kind != 'sr_resample':
         return purifier.init(rng)
     if not cfg.get('student_checkpoint', ''):
@@ -250,6 +254,29 @@ def initial_params(purifier: Purifier, cfg: ml_collections.ConfigDict, rng: jax.
     )
     logging.info('purifier sr_resample: student from %s step %d', student.directory, student.step)
     return student.params
+
+
+def _one_line(value) -> str:
+    return str(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+
+
+def _params_of_same_purifier(purifier: Purifier, checkpoint: str) -> PyTree:
+    """A purifier job's parameters, checked to fit `purifier` (kind, tree, every shape)."""
+    flag = '--config.purifier.init_checkpoint'
+    saved, params, saved_cfg, step = restore(checkpoint, flag=flag)
+    want = purifier.abstract_params()
+    fits = saved.kind == purifier.kind and jax.tree.structure(params) == jax.tree.structure(want)
+    fits = fits and all(
+        np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want))
+    )
+    if not fits:
+        raise ValueError(
+            f'{flag}={checkpoint} holds a {saved.kind!r} purifier whose parameters do not fit '
+            f'the configured {purifier.kind!r} one; give both the same kind and architecture '
+            f'(its config.json: {_one_line(saved_cfg.get(saved.kind, saved_cfg.kind))})'
+        )
+    logging.info('purifier %s: starting from %s step %d', purifier.kind, checkpoint, step)
+    return params
 
 
 def restore(

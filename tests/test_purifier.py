@@ -417,6 +417,38 @@ def test_denoiser_job_trains_without_labels_on_8_devices_and_restores(tmp_path, 
         np.testing.assert_array_equal(a, b)
 
 
+def test_init_checkpoint_starts_from_a_trained_denoiser_of_the_same_architecture(tmp_path):
+    from sr_purify import checkpointing, reporting
+
+    # A finished MSE denoiser's workdir (config.json and its exported parameters).
+    mse = tiny_denoiser_config('denoiser')
+    shapes = purifiers.build(mse.purifier).abstract_params()
+    rng = np.random.default_rng(3)
+    trained = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), shapes)
+    workdir = tmp_path / 'mse'
+    workdir.mkdir()
+    reporting.write_config(str(workdir), mse)
+    checkpointing.export_params(str(workdir / 'checkpoints'), 7, trained)
+
+    c = tiny_denoiser_config('denoiser,stability')
+    c.purifier.init_checkpoint = str(workdir)
+    start = purifiers.initial_params(purifiers.build(c.purifier), c.purifier, jax.random.key(1))
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(a, b)
+    # Without it: a seeded random start, not the saved one.
+    c.purifier.init_checkpoint = ''
+    fresh = purifiers.initial_params(purifiers.build(c.purifier), c.purifier, jax.random.key(1))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(trained))
+    )
+    # Another architecture is refused in one line that names the flag.
+    c.purifier.init_checkpoint = str(workdir)
+    c.purifier.nrp.features = 12
+    with pytest.raises(ValueError, match=r'^--config.purifier.init_checkpoint=.* do not fit') as e:
+        purifiers.initial_params(purifiers.build(c.purifier), c.purifier, jax.random.key(1))
+    assert '\n' not in str(e.value) and "'features': 8" in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every kind: forward and backward.
 
