@@ -8,8 +8,8 @@ Full size (ResNet-20, all 50k images, 64k steps of batch 128 = 164 epochs, the H
 length with a cosine decay; GPU/TPU; not run here: published ResNet-20 results are 91-92 % on the
 original CIFAR-10 test set, expect 2-3 points less on the JPEG copy):
   python launch.py --config=configs/classifier.py:full --workdir=workdirs/classifier_full
-The stronger victim (#15: all 50k images, 7,000 steps, label smoothing 0.1; about 85 minutes on
-2 cores at the 1.4 steps/s measured; target >= 88 % on the JPEG test set, not yet reached):
+The stronger victim (#15: all 50k images, 7,000 steps, label smoothing 0.1; 66 minutes on a
+2-core AMD EPYC at 1.78 steps/s, 85.9 % on the whole JPEG test set; the target, 88 %, not met):
   python launch.py --config=configs/classifier.py:victim --workdir=workdirs/victim
 The transfer-source classifier (another architecture and seed), for transfer attacks:
   python launch.py --config=configs/classifier.py:small_cnn --workdir=workdirs/classifier_small_cnn
@@ -97,9 +97,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     if 'victim' in parts:
         # The stronger victim of the robustness and certification benchmarks: every training
         # image, 7,000 steps of 128 (18 epochs), a short cosine schedule with label smoothing
-        # 0.1; scored on the whole test set. Measured start (2-core Xeon, avx512f): 1.4 steps/s,
-        # so about 85 minutes; 64.5 % at step 1,000 (lr still near its peak). Not yet trained
-        # to the end: whether it reaches 88 % is open (#15).
+        # 0.1; scored on the whole test set. Measured to the end (AMD EPYC, 2 cores, avx512f):
+        # 1.78 steps/s, 66 minutes; test accuracy 59.6 / 68.0 / 74.1 / 75.4 % at steps 1k-4k,
+        # 85.9 % at 7,000: below the 88 % #15 asks (more epochs, not more rate, are what is
+        # missing; about 12k steps would be the next try).
         c.total_steps = 7_000
         c.optim.lr = 0.15
         c.optim.warmup_steps = 300
