@@ -52,7 +52,11 @@ def parse_args(argv=None):
         default=0,
         help="host devices for JAX data parallelism (0: 1, or perf's with --tuned)",
     )
-    p.add_argument('--conv_impl', default='', help="'xla' or 'matmul' (default: perf's choice)")
+    p.add_argument(
+        '--conv_impl',
+        default='',
+        help="'xla', 'matmul' or 'winograd' (bench/conv_as_matmul.py; default 'xla')",
+    )
     p.add_argument('--xla_flags', default=None, help='XLA_FLAGS for JAX (default: from --tuned)')
     args = p.parse_args(argv)
     for name, valid in (('models', MODELS), ('work', WORK), ('torch', TORCH_VARIANTS)):
