@@ -11,7 +11,9 @@ Stages; each reuses a finished job in its folder under --workdir, so a rerun onl
 4. purifier nrp: configs/purifier.py:nrp;
 5. configs/evaluate.py:robustness with rows none, bicubic_resample, jpeg, sr_resample, nrp and one
    attack, PGD L-inf 8/255, 10 steps of 2/255, random start (plus the eps = 0 sanity attack), on
-   the first --examples images of the seeded test permutation; transfer from stage 2.
+   the first --examples images of the seeded test permutation; transfer from stage 2; the
+   adaptive attacker adds APGD-CE and APGD-DLR of --adaptive_steps iterations (default 100, as
+   AutoAttack) through classifier and purifier.
 Both purifiers (sr_resample 1,000 steps, nrp 2,000) train without labels: x' = SSP against F
 and PGD on F's own predictions (pseudo-labels, no data labels), F = the victim's stage_3
 features (the last before pooling), loss = L1(P(x'), x) + 1.0 * L1(F(P(x')), F(x))
@@ -62,6 +64,13 @@ def parse_args():
         help='steps of the nrp purifier (0: --purifier_steps)',
     )
     p.add_argument('--batch_size', type=int, default=100, help='evaluation batch')
+    p.add_argument(
+        '--adaptive_steps',
+        type=int,
+        default=100,
+        help="iterations of the adaptive attacker's APGD-CE and APGD-DLR (AutoAttack's 100; "
+        'the CPU default of configs/evaluate.py:robustness is 20)',
+    )
     return p.parse_args()
 
 
@@ -176,6 +185,8 @@ def main():
     c.eval_examples = args.examples
     c.batch_size = args.batch_size
     c.attacks = [attacks.attack_config(name='pgd', eps=8 / 255, steps=10, step_size=2 / 255)]
+    for member in c.adaptive.attacks:  # The strong adaptive attacker, as AutoAttack runs it.
+        member.steps = args.adaptive_steps
     c.purifiers = [
         evaluate_config.purifier_entry('none'),
         evaluate_config.purifier_entry('bicubic_resample'),
