@@ -190,9 +190,14 @@ def main():
                 f'n = 10,000 on 500 images would take {projected / 3600:.1f} h'
             )
     sanity = results.get('sanity', {})
+    if not sanity.get('checks'):
+        verdict = 'NOT RUN (no smoothed attack)'
+    elif sanity.get('passed'):
+        verdict = f'all {len(sanity["checks"])} passed'
+    else:
+        verdict = 'FAILED ' + json.dumps(sanity['failures'])
     lines.append(
-        f'Sanity checks (empirical accuracy under the smoothed attack >= certified): '
-        f'{"all passed" if sanity.get("passed") else "FAILED " + json.dumps(sanity)}'
+        f'Sanity checks (empirical accuracy under the smoothed attack >= certified): {verdict}'
     )
     lines.append(
         'Stage wall times (s): '

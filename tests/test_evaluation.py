@@ -227,19 +227,21 @@ def test_dlr_member_on_two_classes_fails_before_compiling():
 def test_default_adaptive_budget_and_its_printed_line():
     cpu = evaluate_config.get_config('robustness')
     full = evaluate_config.get_config('robustness,full')
-    for config, steps in ((cpu, 20), (full, 100)):
+    # The strong attacker is the default on every host; only an override reduces it.
+    for config, steps in ((cpu, 100), (full, 100)):
         members = config.adaptive.attacks
         assert [(m.name, m.loss, m.steps, m.restarts) for m in members] == [
             ('apgd', 'ce', steps, 1),
             ('apgd', 'dlr', steps, 1),
         ]
         assert all(m.random_start for m in members) and config.adaptive.eot_samples == 20
+    assert (cpu.eval_examples, full.eval_examples) == (500, 0)  # `full`: the whole test set.
     cfg = cpu.attacks[2]
     at = attack_runners.adaptive_attacks(cfg, cpu.adaptive.attacks)
     assert attack_runners.labels_of(at) == [
         'pgd linf 8/255 x10',
-        'apgd linf 8/255 x20',
-        'apgd-dlr linf 8/255 x20',
+        'apgd linf 8/255 x100',
+        'apgd-dlr linf 8/255 x100',
     ]
     l2 = attack_runners.adaptive_attacks(cpu.attacks[4], cpu.adaptive.attacks)
     assert [(m.norm, m.eps) for m in l2] == [('l2', 0.5)] * 3
@@ -251,10 +253,12 @@ def test_default_adaptive_budget_and_its_printed_line():
             }
         }
     )
-    assert 'apgd-ce x20 (1 restart) + apgd-dlr x20 (1 restart)' in line(cpu)
+    assert 'apgd-ce x100 (1 restart) + apgd-dlr x100 (1 restart)' in line(cpu)
     assert 'EOT over 20 draws' in line(cpu) and 'BPDA' in line(cpu)
+    assert 'Reduced' not in line(cpu) and 'Reduced' not in line(full)
+    for member in cpu.adaptive.attacks:  # The override a CPU user in a hurry makes.
+        member.steps = 20
     assert "Reduced budget: 20 APGD iterations, not AutoAttack's 100" in line(cpu)
-    assert 'apgd-dlr x100' in line(full) and 'Reduced' not in line(full)
 
 
 # ---------------------------------------------------------------------------------------------
