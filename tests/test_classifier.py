@@ -382,4 +382,4 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
         classifier_job.make_loss_fn(model, 1.0)
     victim = classifier.get_config('victim')
     assert victim.label_smoothing == 0.1 and victim.data.train_examples == 0
-    assert victim.data.eval_examples == 0 and victim.total_steps == 7_000
+    assert victim.data.eval_examples == 0 and victim.total_steps == 14_000
