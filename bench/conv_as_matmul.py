@@ -51,6 +51,22 @@ def _same_padding(kernel: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
     return tuple(((k - 1) // 2, k // 2) for k in kernel)
 
 
+def _plain_nhwc(
+    lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, groups, kwargs
+) -> bool:
+    """An NHWC/HWIO stride-1 convolution without dilation or groups: what the dot paths take."""
+    return (
+        lhs.ndim == 4
+        and dimension_numbers is not None
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+        and all(s == 1 for s in window_strides)
+        and groups == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and not kwargs
+    )
+
+
 def conv_general_dilated_matmul(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -64,15 +80,15 @@ def conv_general_dilated_matmul(
     **kwargs,
 ) -> jax.Array:
     """`lax.conv_general_dilated` for NHWC/HWIO stride-1 convolutions as one dot over patches."""
-    plain = (
-        lhs.ndim == 4
-        and dimension_numbers is not None
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
-        and all(s == 1 for s in window_strides)
-        and feature_group_count == 1
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and all(d == 1 for d in (rhs_dilation or (1, 1)))
-        and not kwargs
+    plain = _plain_nhwc(
+        lhs,
+        rhs,
+        window_strides,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        kwargs,
     )
     if not plain or (isinstance(padding, str) and padding != 'SAME'):
         return lax.conv_general_dilated(
@@ -134,27 +150,33 @@ def conv_general_dilated_winograd(
     **kwargs,
 ) -> jax.Array:
     """`lax.conv_general_dilated` for NHWC/HWIO stride-1 'SAME' 3x3 convolutions by F(2x2, 3x3)."""
-    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    same_3x3 = rhs.ndim == 4 and rhs.shape[:2] == (3, 3) and lhs.ndim == 4
-    if same_3x3:
-        pads = tuple(map(tuple, padding)) if not isinstance(padding, str) else padding
-        same_3x3 = pads in ('SAME', ((1, 1), (1, 1)))
-    if not same_3x3:
-        return conv_general_dilated_matmul(
-            lhs, rhs, *args, feature_group_count, precision=precision, **kwargs
+    same_3x3 = rhs.ndim == 4 and rhs.shape[:2] == (3, 3)
+    pads = tuple(map(tuple, padding)) if not isinstance(padding, str) else padding
+    if not (
+        same_3x3
+        and pads in ('SAME', ((1, 1), (1, 1)))
+        and _plain_nhwc(
+            lhs,
+            rhs,
+            window_strides,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            kwargs,
         )
-    plain = (
-        dimension_numbers is not None
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
-        and all(s == 1 for s in window_strides)
-        and feature_group_count == 1
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and all(d == 1 for d in (rhs_dilation or (1, 1)))
-        and not kwargs
-    )
-    if not plain:
-        return lax.conv_general_dilated(
-            lhs, rhs, *args, feature_group_count, precision=precision, **kwargs
+    ):  # The 'matmul' path: a dot for 1x1 convolutions, XLA's conv for the rest.
+        return conv_general_dilated_matmul(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            **kwargs,
         )
     n, h, w, cin = lhs.shape
     cout = rhs.shape[-1]
