@@ -210,6 +210,9 @@ def main():
     print('\n'.join(lines), flush=True)
     with open(os.path.join(wd, 'bench_summary.json'), 'w') as f:
         json.dump({'timings': timings, 'args': vars(args), 'summary': lines}, f, indent=2)
+    if sanity.get('checks') and not sanity.get('passed'):
+        # A broken certificate is a bug or a wrong bound: the run must not look like a success.
+        sys.exit(1)
 
 
 if __name__ == '__main__':
