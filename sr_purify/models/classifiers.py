@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sr_purify.models.conv import Conv
+
 # CIFAR-10 training-set per-channel statistics of [0, 1] images.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -51,7 +53,7 @@ class BasicBlock(nn.Module):
         )
         # Explicit padding 1 (not 'SAME', which pads stride-2 convs on one side only) keeps the
         # stride-2 conv centred on the even pixels that the shortcut's subsampling keeps.
-        conv = lambda s, name: nn.Conv(
+        conv = lambda s, name: Conv(
             self.features,
             (3, 3),
             strides=s,
@@ -69,7 +71,7 @@ class BasicBlock(nn.Module):
                 pad = self.features - in_features
                 x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
             else:
-                x = nn.Conv(
+                x = Conv(
                     self.features,
                     (1, 1),
                     strides=self.strides,
@@ -106,9 +108,9 @@ class ResNet(nn.Module):
     ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
         n = (self.depth - 2) // 6
         feats = {}
-        y = nn.Conv(
-            16 * self.width, (3, 3), use_bias=False, kernel_init=_conv_init, name='stem_conv'
-        )(normalize(x))
+        y = Conv(16 * self.width, (3, 3), use_bias=False, kernel_init=_conv_init, name='stem_conv')(
+            normalize(x)
+        )
         y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='stem_bn')(
             y
         )
@@ -148,7 +150,7 @@ class SmallCNN(nn.Module):
         for i in range(3):
             if i:
                 y = nn.max_pool(y, (2, 2), strides=(2, 2))
-            y = nn.relu(nn.Conv(self.features * 2**i, (3, 3), name=f'conv_{i + 1}')(y))
+            y = nn.relu(Conv(self.features * 2**i, (3, 3), name=f'conv_{i + 1}')(y))
             feats[f'conv_{i + 1}'] = y
         logits = nn.Dense(self.num_classes, name='head')(jnp.mean(y, axis=(1, 2)))
         return (logits, feats) if return_features else logits
@@ -178,7 +180,7 @@ class RandomFeatureCNN(nn.Module):
         y = normalize(x)
         for i in range(self.num_layers):
             strides = 2 if 1 <= i <= self.num_downsample else 1
-            y = nn.Conv(
+            y = Conv(
                 self.features,
                 (3, 3),
                 strides=strides,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sr_purify.image_ops import check_scale
+from sr_purify.models.conv import Conv
 
 UPSAMPLERS = ('edsr', 'espcn')
 
@@ -42,9 +43,7 @@ class SubPixelOutput(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
-        x = nn.Conv(self.channels * self.scale * self.scale, (3, 3), kernel_init=init, name='conv')(
-            x
-        )
+        x = Conv(self.channels * self.scale * self.scale, (3, 3), kernel_init=init, name='conv')(x)
         return pixel_shuffle(x, self.scale)
 
 
@@ -59,7 +58,7 @@ class Upsampler(nn.Module):
         check_scale(self.scale)
         stages = [2, 2] if self.scale == 4 else [self.scale]
         for i, s in enumerate(stages):
-            x = nn.Conv(self.features * s * s, (3, 3), name=f'conv_{i}')(x)
+            x = Conv(self.features * s * s, (3, 3), name=f'conv_{i}')(x)
             x = pixel_shuffle(x, s)
         return x
 
@@ -70,9 +69,9 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.Conv(self.features, (3, 3), name='conv_0')(x)
+        y = Conv(self.features, (3, 3), name='conv_0')(x)
         y = nn.relu(y)
-        y = nn.Conv(self.features, (3, 3), name='conv_1')(y)
+        y = Conv(self.features, (3, 3), name='conv_1')(y)
         return x + self.res_scale * y
 
 
@@ -109,13 +108,13 @@ class EDSR(nn.Module):
     ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
         mean = jnp.asarray(DIV2K_MEAN, x.dtype)
         feats = {}
-        h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
+        h = Conv(self.features, (3, 3), name='head')(x - mean)
         feats['head'] = h
         y = h
         for i in range(self.num_blocks):
             y = ResBlock(self.features, self.res_scale, name=f'block_{i + 1}')(y)
             feats[f'block_{i + 1}'] = y
-        y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
+        y = Conv(self.features, (3, 3), name='body_conv')(y) + h
         feats['body'] = y
         if self.upsampler not in UPSAMPLERS:
             raise ValueError(
@@ -128,6 +127,6 @@ class EDSR(nn.Module):
         else:
             y = Upsampler(self.features, self.scale, name='upsampler')(y)
             init = nn.initializers.zeros if self.bicubic_skip else nn.initializers.lecun_normal()
-            y = nn.Conv(3, (3, 3), kernel_init=init, name='tail')(y)
+            y = Conv(3, (3, 3), kernel_init=init, name='tail')(y)
         y = y + (upsample_bicubic(x, self.scale) if self.bicubic_skip else mean)
         return (y, feats) if return_features else y

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sr_purify.image_ops import check_scale
+from sr_purify.models.conv import Conv
 from sr_purify.models.edsr import DIV2K_MEAN, Features, SubPixelOutput
 
 
@@ -58,13 +59,13 @@ class FSRCNN(nn.Module):
 
         mean = jnp.asarray(DIV2K_MEAN, x.dtype)
         feats = {}
-        y = act('head_act')(nn.Conv(self.features, (5, 5), name='head')(x - mean))
+        y = act('head_act')(Conv(self.features, (5, 5), name='head')(x - mean))
         feats['head'] = y
-        y = act('shrink_act')(nn.Conv(self.shrink, (1, 1), name='shrink')(y))
+        y = act('shrink_act')(Conv(self.shrink, (1, 1), name='shrink')(y))
         for i in range(self.num_maps):
-            y = act(f'map_{i + 1}_act')(nn.Conv(self.shrink, (3, 3), name=f'map_{i + 1}')(y))
+            y = act(f'map_{i + 1}_act')(Conv(self.shrink, (3, 3), name=f'map_{i + 1}')(y))
             feats[f'map_{i + 1}'] = y
-        y = act('expand_act')(nn.Conv(self.features, (1, 1), name='expand')(y))
+        y = act('expand_act')(Conv(self.features, (1, 1), name='expand')(y))
         feats['body'] = y
         y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
         return (y, feats) if return_features else y

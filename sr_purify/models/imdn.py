@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sr_purify.image_ops import check_scale
+from sr_purify.models.conv import Conv
 from sr_purify.models.edsr import DIV2K_MEAN, Features, SubPixelOutput
 
 
@@ -32,9 +33,9 @@ class CCA(nn.Module):
         var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
         # The epsilon keeps the gradient finite where a channel is constant (sqrt'(0) = inf).
         contrast = jnp.sqrt(var + 1e-12) + mean
-        y = nn.Conv(max(1, self.features // self.reduction), (1, 1), name='squeeze')(contrast)
+        y = Conv(max(1, self.features // self.reduction), (1, 1), name='squeeze')(contrast)
         y = nn.relu(y)
-        y = nn.Conv(self.features, (1, 1), name='excite')(y)
+        y = Conv(self.features, (1, 1), name='excite')(y)
         return x * nn.sigmoid(y)
 
 
@@ -55,13 +56,13 @@ class IMDB(nn.Module):
                 'distilled; need 0 < distilled < features'
             )
         act = lambda t: nn.leaky_relu(t, self.negative_slope)
-        y = act(nn.Conv(self.features, (3, 3), name='conv_0')(x))
+        y = act(Conv(self.features, (3, 3), name='conv_0')(x))
         distilled = [y[..., :d]]
         for i in (1, 2):
-            y = act(nn.Conv(self.features, (3, 3), name=f'conv_{i}')(y[..., d:]))
+            y = act(Conv(self.features, (3, 3), name=f'conv_{i}')(y[..., d:]))
             distilled.append(y[..., :d])
-        distilled.append(nn.Conv(d, (3, 3), name='conv_3')(y[..., d:]))
-        y = nn.Conv(self.features, (1, 1), name='fuse')(jnp.concatenate(distilled, axis=-1))
+        distilled.append(Conv(d, (3, 3), name='conv_3')(y[..., d:]))
+        y = Conv(self.features, (1, 1), name='fuse')(jnp.concatenate(distilled, axis=-1))
         y = CCA(self.features, self.cca_reduction, name='cca')(y)
         return x + y
 
@@ -91,7 +92,7 @@ class IMDN(nn.Module):
     ) -> Union[jax.Array, Tuple[jax.Array, Features]]:
         mean = jnp.asarray(DIV2K_MEAN, x.dtype)
         feats = {}
-        h = nn.Conv(self.features, (3, 3), name='head')(x - mean)
+        h = Conv(self.features, (3, 3), name='head')(x - mean)
         feats['head'] = h
         y = h
         outs = []
@@ -105,9 +106,9 @@ class IMDN(nn.Module):
             )(y)
             feats[f'block_{i + 1}'] = y
             outs.append(y)
-        y = nn.Conv(self.features, (1, 1), name='body_fuse')(jnp.concatenate(outs, axis=-1))
+        y = Conv(self.features, (1, 1), name='body_fuse')(jnp.concatenate(outs, axis=-1))
         y = nn.leaky_relu(y, self.negative_slope)
-        y = nn.Conv(self.features, (3, 3), name='body_conv')(y) + h
+        y = Conv(self.features, (3, 3), name='body_conv')(y) + h
         feats['body'] = y
         y = SubPixelOutput(self.scale, 3, name='upsampler')(y) + mean
         return (y, feats) if return_features else y

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sr_purify.models.conv import Conv
+
 # ESRGAN initialises its dense-block convs with Kaiming-normal weights scaled by 0.1, which keeps
 # the deep residual-in-residual stack close to identity at the start: variance 0.1**2 * 2 / fan_in.
 _small_init = nn.initializers.variance_scaling(0.02, 'fan_in', 'normal')
@@ -30,11 +32,11 @@ class ResidualDenseBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         inputs = [x]
         for i in range(self.num_layers):
-            y = nn.Conv(self.growth, (3, 3), kernel_init=_small_init, name=f'conv_{i}')(
+            y = Conv(self.growth, (3, 3), kernel_init=_small_init, name=f'conv_{i}')(
                 jnp.concatenate(inputs, axis=-1)
             )
             inputs.append(nn.leaky_relu(y, 0.2))
-        y = nn.Conv(self.features, (3, 3), kernel_init=_small_init, name='fuse')(
+        y = Conv(self.features, (3, 3), kernel_init=_small_init, name='fuse')(
             jnp.concatenate(inputs, axis=-1)
         )
         return x + self.res_scale * y
@@ -71,7 +73,7 @@ class NRP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Conv(self.features, (3, 3), name='head')(x)
+        h = Conv(self.features, (3, 3), name='head')(x)
         y = h
         for i in range(self.num_blocks):
             y = RRDB(
@@ -82,7 +84,7 @@ class NRP(nn.Module):
                 self.res_scale,
                 name=f'block_{i + 1}',
             )(y)
-        y = nn.Conv(self.features, (3, 3), name='trunk_conv')(y) + h
-        y = nn.leaky_relu(nn.Conv(self.features, (3, 3), name='tail_0')(y), 0.2)
-        residual = nn.Conv(x.shape[-1], (3, 3), name='tail_1')(y)
+        y = Conv(self.features, (3, 3), name='trunk_conv')(y) + h
+        y = nn.leaky_relu(Conv(self.features, (3, 3), name='tail_0')(y), 0.2)
+        residual = Conv(x.shape[-1], (3, 3), name='tail_1')(y)
         return x + residual
