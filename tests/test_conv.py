@@ -17,15 +17,18 @@ from sr_purify.models import conv
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 CASES = [
-    case
-    for case in itertools.product(
-        (1, 3, 5),  # kernel size
+    (kernel, stride, padding, size, 1)
+    for kernel, stride, padding, size in itertools.product(
+        (1, 3),  # kernel size
         (1, 2),  # stride
         ('SAME', 'VALID', ((1, 2), (0, 1))),  # padding
         (7, 8),  # odd and even input sizes (stride 2 drops a row on odd ones)
-        (1, 2),  # kernel dilation
     )
-    if not (case[2] == 'VALID' and (case[0] - 1) * case[4] + 1 > case[3])
+] + [
+    (3, 1, 'SAME', 8, 2),
+    (3, 2, 'SAME', 7, 2),
+    (5, 2, 'VALID', 8, 1),
+    (5, 1, ((2, 1), (1, 2)), 7, 1),
 ]
 
 
