@@ -17,14 +17,13 @@ initialisers, so checkpoints are unaffected.
 """
 
 import functools
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-Pads = Tuple[Tuple[int, int], ...]
 
 
 def _dilated(size: int, dilation: int) -> int:
@@ -71,6 +70,7 @@ def _conv_bwd(strides, padding, rhs_dilation, precision, residuals, g):
         dimension_numbers=_NHWC,
         precision=precision,
     )
+    # The kernel gradient is JAX's own (its primal is recomputed in the trace, and XLA drops it).
     _, kernel_vjp = jax.vjp(lambda k: _forward(x, k, strides, padding, rhs_dilation, precision), w)
     (dw,) = kernel_vjp(g)
     return dx.astype(x.dtype), dw
