@@ -138,8 +138,8 @@ def main(argv):
                 + '; pass --config.victim=<a teacher or student workdir, or an export folder>'
             )
     if config.trainer in ('watermark', 'verify'):  # Required folders, checked before TF loads.
-        flags = {'watermark': ('checkpoint',), 'verify': ('owner', 'suspect')}[config.trainer]
-        for flag in flags:
+        required = {'watermark': ('checkpoint',), 'verify': ('owner', 'suspect')}[config.trainer]
+        for flag in required:
             value = config[flag]
             if not value or ('://' not in value and not os.path.exists(value)):
                 raise FileNotFoundError(

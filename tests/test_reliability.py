@@ -104,6 +104,25 @@ def test_sigterm_saves_and_exits_cleanly_then_kill9_loses_only_unsaved_steps(tmp
     assert sorted(_losses(out)) == [saved[-1] + 1]
 
 
+def test_without_workdir_the_job_writes_to_workdirs_named_after_the_config(tmp_path):
+    # The README's quick start passes no --workdir: the job must pick workdirs/<config name>
+    # under the current directory (a shadowed `flags` once broke exactly this path).
+    args = [f'--config={REPO}/configs/teacher.py', *TINY[1:], '--config.total_steps=2']
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'launch.py'), *args],
+        cwd=tmp_path,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    results = os.path.join('workdirs', 'teacher', 'results.json')
+    assert f'done: results in {results}' in out
+    assert (tmp_path / results).is_file()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('localhost', 0))
