@@ -1,10 +1,10 @@
 """Distils the private teacher into a lightweight student: the project's main job.
 
-CPU default (about 4.5 minutes on a 2-core AVX-512 Xeon, about 8.5 on a 2-core Zen 3; embedded
-scikit-image photos, x2). With no teacher checkpoint it first trains the teacher (configs/
+CPU default (embedded scikit-image photos, x2; README "Main job" has the times measured on a
+2-core AVX-512 Xeon and a 2-core AVX2-only AMD EPYC). With no teacher checkpoint it first trains the teacher (configs/
 teacher.py's default for 300 steps instead of 600, embedded as `config.teacher`) into
 <workdir>/teacher, then distils a slim EDSR (4 blocks, 32 channels, 121,987 parameters: 11.2x
-fewer than the teacher's 1,369,859) for 500 steps and prints bicubic, teacher and student:
+fewer than the teacher's 1,369,859) for 300 steps and prints bicubic, teacher and student:
   python launch.py --config=configs/student.py --workdir=workdirs/student
 From a teacher trained before (its workdir or its checkpoints/ folder):
   python launch.py --config=configs/student.py --config.teacher.checkpoint=workdirs/teacher
@@ -72,10 +72,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.model = student_model(name, scale)
     c.data = common.sr_data('embedded', patch=32)
     c.batch_size = 8
-    # 500 steps of pixel + output: the first run fits a coffee break on a 2-core CPU and still
-    # clears bicubic by 1.1 dB and matches the teacher (README "Main job"); the upcycled loss
-    # would triple each step for a gain the short run cannot show.
-    c.total_steps = 500
+    # 300 steps of pixel + output: the first run fits a coffee break on a 2-core CPU and still
+    # clears bicubic by 1.1 dB and matches the teacher (500 steps gained 0.018 dB for 2/3 more
+    # distillation time; README "Main job"); the upcycled loss would triple each step for a
+    # gain the short run cannot show.
+    c.total_steps = 300
     c.log_every = 50
     c.checkpoint_every = 300
     c.optim.lr = 1e-3
