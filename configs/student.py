@@ -1,10 +1,11 @@
 """Distils the private teacher into a lightweight student: the project's main job.
 
 CPU default (embedded scikit-image photos, x2; README "Main job" has the times measured on a
-2-core AVX-512 Xeon and a 2-core AVX2-only AMD EPYC). With no teacher checkpoint it first trains the teacher (configs/
-teacher.py's default for 300 steps instead of 600, embedded as `config.teacher`) into
-<workdir>/teacher, then distils a slim EDSR (4 blocks, 32 channels, 121,987 parameters: 11.2x
-fewer than the teacher's 1,369,859) for 300 steps and prints bicubic, teacher and student:
+2-core AVX-512 Xeon and a 2-core AVX2-only AMD EPYC). With no teacher checkpoint it first trains
+the teacher (configs/teacher.py's default for 300 steps instead of 600, embedded as
+`config.teacher`) into <workdir>/teacher, then distils a slim EDSR (4 blocks, 32 channels,
+121,987 parameters: 11.2x fewer than the teacher's 1,369,859) for 300 steps and prints bicubic,
+teacher and student:
   python launch.py --config=configs/student.py --workdir=workdirs/student
 From a teacher trained before (its workdir or its checkpoints/ folder):
   python launch.py --config=configs/student.py --config.teacher.checkpoint=workdirs/teacher
