@@ -16,14 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import RecordingWriter, module_compilation_cache
+from conftest import RecordingWriter
 from scipy import stats
 
 from configs import evaluate as evaluate_config
 from sr_purify import checkpointing, models, purifiers, restore, sharding
 from sr_purify.evaluators import certify, certify_report, robustness
-
-compilation_cache = pytest.fixture(scope='module', autouse=True)(module_compilation_cache)
 
 ALPHA = 0.001
 SIGMA = 0.25

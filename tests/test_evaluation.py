@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import module_compilation_cache
 
 from configs import evaluate as evaluate_config
 from configs import purifier as purifier_config
@@ -26,13 +25,6 @@ CLASSES = 3
 # Keys from XLA's RngBitGenerator where a test makes its own: threefry programs are slow to
 # compile on a small CPU (the evaluator itself makes threefry keys from config.seed).
 rng = functools.partial(jax.random.key, impl='rbg')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The evaluator jits fresh closures on every call, so each evaluation would compile its
-    attacks again: a persistent compilation cache, for this module only, compiles them once."""
-    yield from module_compilation_cache(tmp_path_factory)
 
 
 def band_classifier(structure=0.1):

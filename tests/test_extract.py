@@ -11,20 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, RecordingWriter, module_compilation_cache, tiny_sr_config
+from conftest import REPO, RecordingWriter, tiny_sr_config
 from PIL import Image
 
 from configs import extract as extract_config
 from sr_purify import checkpointing, extraction, jobs, models, reporting, restore
 
 TIMING = ('train_s', 'steps_per_sec')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Both budgets and both job runs compile the same programs (the init alone takes 10 s on 2
-    cores): a persistent compilation cache, for this module only, compiles each of them once."""
-    yield from module_compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import skimage.data
-from conftest import module_compilation_cache, tiny_sr_config
+from conftest import tiny_sr_config
 from PIL import Image
 
 from configs import verify as verify_config
@@ -22,13 +22,6 @@ from sr_purify.jobs import watermark as watermark_job
 
 SEED, STRENGTH, NULL_KEYS, ALPHA = 1234, 3.0, 199, 0.01
 PROBE, SCALE = 24, 2  # 2 HR images of 96x96 -> LR 48x48 -> 8 probes of 24x24.
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The job, verification and restore jit the same tiny programs through fresh lambdas: a
-    persistent compilation cache, for this module only, compiles each of them once."""
-    yield from module_compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')
