@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sr_purify import inference, purifiers, restore
 
@@ -43,6 +45,7 @@ class SuperResolver:
     model_config: Any = None
     tile: int = 192
     overlap: int = 24
+    batch: int = 1  # tiles per call of apply: the local device count for JAX
 
     def upscale(
         self,
@@ -60,6 +63,7 @@ class SuperResolver:
             tile=self.tile if tile is None else tile,
             overlap=self.overlap if overlap is None else overlap,
             self_ensemble=self_ensemble,
+            batch=self.batch,
         )
 
 
@@ -88,9 +92,32 @@ def load_sr(path: str, runtime: str = 'auto', int8: bool = False, threads: int =
         with open(os.path.join(path, EXPORT_INFO)) as f:
             path = json.load(f)['checkpoint']
     model = restore.load(path, 'sr')
-    module, params = model.module, jax.device_put(model.params)
-    apply = jax.jit(lambda x: module.apply({'params': params}, x))
-    return SuperResolver(model.scale, apply, 'jax', model.directory, model.model_config)
+    apply, batch = _sharded_apply(model.module, model.params)
+    return SuperResolver(
+        model.scale, apply, 'jax', model.directory, model.model_config, batch=batch
+    )
+
+
+def _sharded_apply(module, params):
+    """(apply, devices): apply runs a batch whose size the local device count divides split over
+    those devices, any other batch on the first. On a CPU host split into devices (launch.py's
+    default) each device runs its convolutions on its own core, so one image at a time would
+    leave the other cores idle for a slim student."""
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ('data',))
+    data, whole = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+    forward = lambda p, x: module.apply({'params': p}, x)
+    on_one = jax.jit(forward)
+    split = jax.jit(forward, in_shardings=(whole, data), out_shardings=data)
+    one_params = jax.device_put(params, devices[0])
+    all_params = jax.device_put(params, whole) if len(devices) > 1 else one_params
+
+    def apply(x):
+        if len(devices) > 1 and x.shape[0] % len(devices) == 0:
+            return split(all_params, x)
+        return on_one(one_params, x)
+
+    return apply, len(devices)
 
 
 @dataclasses.dataclass

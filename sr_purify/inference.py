@@ -54,34 +54,36 @@ def count_tiles(h: int, w: int, tile: int = 128, overlap: int = 16) -> int:
     return len(_axis_windows(h, tile, overlap)[1]) * len(_axis_windows(w, tile, overlap)[1])
 
 
-def _call(apply: Apply, x: np.ndarray, scale: int) -> np.ndarray:
-    """apply on one HWC float32 tile -> HWC float32 output, with its shape checked."""
-    y = np.asarray(apply(x[None]), dtype=np.float32)
-    expected = (1, x.shape[0] * scale, x.shape[1] * scale, 3)
-    if y.shape != expected:
+def _call(apply: Apply, xs: np.ndarray, scale: int) -> np.ndarray:
+    """apply on NHWC float32 tiles -> their NHWC float32 outputs, with the shape checked."""
+    ys = np.asarray(apply(xs), dtype=np.float32)
+    n, h, w, _ = xs.shape
+    if ys.shape != (n, h * scale, w * scale, 3):
         raise ValueError(
-            f'apply returned shape {y.shape} for input {(1, *x.shape)}, expected {expected}; '
-            f"is scale={scale} the model's scale?"
+            f'apply returned shape {ys.shape} for input {xs.shape}, expected '
+            f"{(n, h * scale, w * scale, 3)}; is scale={scale} the model's scale?"
         )
-    return y[0]
+    return ys
 
 
-def _run_tile(apply: Apply, x: np.ndarray, scale: int, self_ensemble: bool) -> np.ndarray:
-    """One HWC float32 tile through apply, optionally with EDSR+ geometric self-ensemble."""
+def _run_tiles(apply: Apply, xs: np.ndarray, scale: int, self_ensemble: bool) -> np.ndarray:
+    """NHWC float32 tiles through apply in one call, optionally with EDSR+ self-ensemble."""
     if not self_ensemble:
-        return _call(apply, x, scale)
-    # The 8 dihedral transforms (4 rotations, each with and without a flip); each output is
-    # mapped back by the inverse transform. On a non-square tile the odd rotations transpose it,
-    # so a jitted apply compiles for two shapes. Summing in float64 is exact for 8 float32
-    # terms, so an equivariant apply gives exactly the plain result.
-    total = np.zeros((x.shape[0] * scale, x.shape[1] * scale, 3), np.float64)
+        return _call(apply, xs, scale)
+    # The 8 dihedral transforms (4 rotations, each with and without a flip) of every tile, one
+    # call each; each output is mapped back by the inverse transform. On non-square tiles the
+    # odd rotations transpose them, so a jitted apply compiles for two shapes. Summing in
+    # float64 is exact for 8 float32 terms, so an equivariant apply gives exactly the plain
+    # result.
+    n, h, w, _ = xs.shape
+    total = np.zeros((n, h * scale, w * scale, 3), np.float64)
     for k in range(4):
         for flip in (False, True):
-            t = np.rot90(x, k)
-            t = t[:, ::-1] if flip else t
-            y = _call(apply, np.ascontiguousarray(t), scale)
-            y = y[:, ::-1] if flip else y
-            total += np.rot90(y, -k)
+            t = np.rot90(xs, k, axes=(1, 2))
+            t = t[:, :, ::-1] if flip else t
+            ys = _call(apply, np.ascontiguousarray(t), scale)
+            ys = ys[:, :, ::-1] if flip else ys
+            total += np.rot90(ys, -k, axes=(1, 2))
     return (total / 8).astype(np.float32)
 
 
@@ -104,6 +106,7 @@ def upscale_array(
     overlap: int = 16,
     self_ensemble: bool = False,
     progress=None,
+    batch: int = 1,
 ) -> np.ndarray:
     """Upscales one image by `scale` with `apply`, in overlapping tiles.
 
@@ -119,6 +122,10 @@ def upscale_array(
     pixels); a 16-block EDSR teacher sees ~36, so give it overlap >= 36 for an exact match.
     `self_ensemble`: EDSR+ (average over the 8 flips / rotations of each tile; 8x the compute).
     `progress`: None, a tqdm bar (`.update(1)` per tile) or a callable given the tiles done.
+    `batch`: tiles per call of apply, at most the image's tile count (every window has the same
+    size; the last call is padded by repeating a tile, so apply sees one shape). More than one
+    lets an apply that splits its batch over devices run tiles side by side (`api.load_sr`'s
+    does, over the local devices).
     """
     image = np.asarray(image)
     if image.dtype == np.uint8:
@@ -130,12 +137,16 @@ def upscale_array(
     else:
         raise ValueError(f'expected a uint8 or float image, got dtype {image.dtype}')
     if image.ndim == 3 and image.shape[-1] == 1:  # HxWx1: gray, with its channel axis kept
-        out = upscale_array(apply, image[..., 0], scale, tile, overlap, self_ensemble, progress)
+        out = upscale_array(
+            apply, image[..., 0], scale, tile, overlap, self_ensemble, progress, batch
+        )
         return out[..., None]
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
         raise ValueError(f'expected an HxW, HxWx3 or HxWx4 image, got shape {image.shape}')
     if overlap < 0:
         raise ValueError(f'overlap must be >= 0, got {overlap}')
+    if batch < 1:
+        raise ValueError(f'batch must be >= 1, got {batch}')
     gray = image.ndim == 2
     rgb = image[..., None] if gray else image[..., :3]  # gray: broadcast to 3 channels per tile
     h, w = image.shape[:2]
@@ -146,13 +157,17 @@ def upscale_array(
     # each tile's result is written into it and dropped. RGBA's alpha plane is filled at the end.
     out = np.empty((h * scale, w * scale) + (() if gray else (image.shape[-1],)), out_dtype)
     colour = out if gray else out[..., :3]  # a view: writing into it fills out
+    windows = [(r, c) for r in rows for c in cols]
+    batch = min(batch, len(windows))  # a small image is not padded up to the batch
     done = 0
-    for r0, r1, wr in rows:
-        for c0, c1, wc in cols:
-            x = to_float(rgb[wr : wr + win_h, wc : wc + win_w])
-            if gray:
-                x = np.repeat(x, 3, axis=-1)
-            y = _run_tile(apply, x, scale, self_ensemble)
+    for i in range(0, len(windows), batch):
+        group = windows[i : i + batch]
+        xs = np.stack([rgb[wr : wr + win_h, wc : wc + win_w] for (_, _, wr), (_, _, wc) in group])
+        xs = to_float(np.repeat(xs, 3, axis=-1) if gray else xs)
+        if len(group) < batch:  # pad the last call to the same shape (one compilation)
+            xs = np.concatenate([xs, np.repeat(xs[-1:], batch - len(group), axis=0)])
+        ys = _run_tiles(apply, xs, scale, self_ensemble)
+        for ((r0, r1, wr), (c0, c1, wc)), y in zip(group, ys):
             # Keep the core: drop the context margins (none at the image borders).
             y = y[(r0 - wr) * scale : (r1 - wr) * scale, (c0 - wc) * scale : (c1 - wc) * scale]
             y = np.clip(y, 0.0, 1.0)
@@ -271,6 +286,7 @@ def upscale_files(
     overlap: int = 16,
     self_ensemble: bool = False,
     show_progress: bool = True,
+    batch: int = 1,
 ) -> dict:
     """Upscales every image of `inputs` (see list_inputs) into `out_dir`/<stem>_x<scale>.png.
 
@@ -301,7 +317,8 @@ def upscale_files(
                 continue
             bar.set_postfix_str(os.path.basename(path))
             write_png(
-                out_path, upscale_array(apply, image, scale, tile, overlap, self_ensemble, bar)
+                out_path,
+                upscale_array(apply, image, scale, tile, overlap, self_ensemble, bar, batch),
             )
             written.append(out_path)
     return {'written': written, 'skipped': skipped, 'seconds': time.perf_counter() - start}

@@ -95,6 +95,64 @@ def test_every_tile_call_has_one_shape_and_progress_counts(net, photo):
     assert inference.count_tiles(30, 20, 0, 16) == 1
 
 
+@pytest.mark.parametrize('self_ensemble', [False, True])
+def test_batched_tiles_give_the_same_image_and_pad_the_last_call(net, photo, self_ensemble):
+    # 20 tiles (4 with the self-ensemble's smaller image) in calls of 3, the last one padded.
+    image = photo if not self_ensemble else photo[:96, :88]
+    tiles = inference.count_tiles(*image.shape[:2], 48, 16)
+    shapes = []
+
+    def recording(x):
+        shapes.append(x.shape)
+        return net(x)
+
+    one = inference.upscale_array(net, image, 2, tile=48, overlap=16, self_ensemble=self_ensemble)
+    done = []
+    batched = inference.upscale_array(
+        recording, image, 2, 48, 16, self_ensemble, progress=done.append, batch=3
+    )
+    np.testing.assert_array_equal(batched, one)  # each tile's output is its own
+    calls = -(-tiles // 3) * (8 if self_ensemble else 1)
+    assert len(shapes) == calls and {s[0] for s in shapes} == {3}
+    assert done == list(range(1, tiles + 1))  # padding is not counted as a tile
+    # An image with fewer tiles than the batch runs them all in one unpadded call.
+    shapes.clear()
+    inference.upscale_array(recording, photo[:40, :40], 2, tile=0, batch=3)
+    assert shapes == [(1, 40, 40, 3)]
+    with pytest.raises(ValueError, match='batch must be >= 1'):
+        inference.upscale_array(net, photo, 2, batch=0)
+
+
+def test_load_sr_splits_a_batch_of_tiles_over_the_local_devices(tmp_path, photo):
+    from conftest import tiny_sr_config
+
+    from sr_purify import api, checkpointing, reporting
+
+    c = tiny_sr_config()
+    module = models.build(c.model)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), shapes['params']
+    )
+    reporting.write_config(str(tmp_path), c)
+    checkpointing.export_params(str(tmp_path / 'checkpoints'), 1, params)
+    sr = api.load_sr(str(tmp_path))
+    n = jax.local_device_count()
+    assert n == 8 and sr.batch == n  # conftest's fake devices
+    x = photo[:24, :24].astype(np.float32)[None] / 255.0
+    xs = np.concatenate([x * (1 - k / 10) for k in range(n)])
+    split = sr.apply(xs)
+    assert len(split.sharding.device_set) == n  # one tile per device
+    single = module.apply({'params': params}, xs)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(single), atol=1e-6)
+    # A batch the devices do not divide runs on one device; whole images match either way.
+    assert len(sr.apply(xs[:3]).sharding.device_set) == 1
+    image = photo[:64, :56].astype(np.float32) / 255.0  # 4 x 4 tiles: two calls of 8
+    plain = inference.upscale_array(lambda x: module.apply({'params': params}, x), image, 2, 16, 8)
+    np.testing.assert_allclose(sr.upscale(image, tile=16, overlap=8), plain, atol=1e-6)
+
+
 @pytest.mark.parametrize('shape', [(37, 53), (41, 29, 3)])
 @pytest.mark.parametrize('tile', [8, 100])
 @pytest.mark.parametrize('scale', [2, 3])

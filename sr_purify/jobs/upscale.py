@@ -35,6 +35,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         overlap=config.overlap,
         self_ensemble=config.self_ensemble,
         show_progress=reporting.is_writer(),
+        batch=sr.batch,
     )
     summary = {
         'checkpoint': config.checkpoint,
