@@ -8,7 +8,8 @@ export folder from configs/export.py (then run by the LiteRT interpreter). Scale
 come from the checkpoint's saved config. `input`: an image file, a folder or a glob; each input
 becomes <workdir>/<stem>_x<scale>.png. Gray stays gray; RGBA keeps its alpha (upscaled bicubic).
 Large images run in overlapping tiles (`tile` LR pixels, `overlap` pixels of context on each side,
-enough for the student's receptive field; the 16-block teacher's reaches about 36):
+enough for the student's receptive field; the 16-block teacher's reaches about 36), as many at
+a time as there are local devices, one on each (on a 2-core CPU, launch.py's 2 host devices):
   --config.tile=256 --config.overlap=40 --config.self_ensemble=True
 """
 
