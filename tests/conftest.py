@@ -48,6 +48,31 @@ def tiny_sr_config(trainer: str = 'teacher') -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_sr_workdir(workdir, scale: int = 2, seed: int = 0):
+    """A teacher workdir as the teacher job leaves it (config.json, checkpoints/ at step 2): the
+    tiny config's 2-block, 8-channel EDSR with the bicubic skip and small random weights, made by
+    hand (training it would cost seconds of compiling; these tests need only some SR model)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sr_purify import checkpointing, models, reporting
+
+    c = tiny_sr_config()
+    c.model.scale = scale
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    module = models.build(c.model)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), shapes['params']
+    )
+    reporting.write_config(str(workdir), c)
+    checkpointing.export_params(str(workdir / 'checkpoints'), 2, params)
+    return workdir
+
+
 @pytest.fixture
 def sr_config():
     return tiny_sr_config()

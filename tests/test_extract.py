@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, RecordingWriter, tiny_sr_config
+from conftest import REPO, RecordingWriter, tiny_sr_workdir
 from PIL import Image
 
 from configs import extract as extract_config
-from sr_purify import checkpointing, extraction, jobs, models, reporting, restore
+from sr_purify import extraction, jobs, restore
 
 TIMING = ('train_s', 'steps_per_sec')
 
@@ -40,17 +39,7 @@ def victim(tmp_path_factory):
     """A teacher workdir as the teacher job leaves it (config.json, checkpoints/): a 2-block,
     8-channel EDSR x2 with random weights. Made by hand: training it would cost 20 s of compiling
     and the attack needs only some SR model behind the service."""
-    c = tiny_sr_config()
-    module = models.build(c.model)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), shapes['params']
-    )
-    workdir = tmp_path_factory.mktemp('victim')
-    reporting.write_config(str(workdir), c)
-    checkpointing.export_params(str(workdir / 'checkpoints'), 2, params)
-    return workdir
+    return tiny_sr_workdir(tmp_path_factory.mktemp('victim'))
 
 
 def tiny_config(victim, data):

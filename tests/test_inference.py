@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
+from conftest import tiny_sr_workdir
 from PIL import Image
 
 from configs import common
-from sr_purify import image_ops, inference, models
+from sr_purify import api, image_ops, inference, models, restore
 
 
 @pytest.fixture(scope='module')
@@ -124,20 +125,10 @@ def test_batched_tiles_give_the_same_image_and_pad_the_last_call(net, photo, sel
 
 
 def test_load_sr_splits_a_batch_of_tiles_over_the_local_devices(tmp_path, photo):
-    from conftest import tiny_sr_config
-
-    from sr_purify import api, checkpointing, reporting
-
-    c = tiny_sr_config()
-    module = models.build(c.model)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), shapes['params']
-    )
-    reporting.write_config(str(tmp_path), c)
-    checkpointing.export_params(str(tmp_path / 'checkpoints'), 1, params)
-    sr = api.load_sr(str(tmp_path))
+    workdir = tiny_sr_workdir(tmp_path)
+    model = restore.load(str(workdir), 'sr')
+    module, params = model.module, model.params
+    sr = api.load_sr(str(workdir))
     n = jax.local_device_count()
     assert n == 8 and sr.batch == n  # conftest's fake devices
     x = photo[:24, :24].astype(np.float32)[None] / 255.0

@@ -10,12 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 import skimage.data
-from conftest import tiny_sr_config
+from conftest import tiny_sr_config, tiny_sr_workdir
 from PIL import Image
 
 from configs import verify as verify_config
 from configs import watermark as watermark_config
-from sr_purify import checkpointing, inference, models, reporting, restore
+from sr_purify import inference, models, restore
 from sr_purify import watermark as wm
 from sr_purify.jobs import verify as verify_job
 from sr_purify.jobs import watermark as watermark_job
@@ -35,26 +35,9 @@ def images(tmp_path_factory):
     return root
 
 
-def tiny_workdir(workdir, scale: int = SCALE, seed: int = 0):
-    """A teacher workdir as the teacher job leaves it (config.json, checkpoints/): a 2-block,
-    8-channel EDSR with the bicubic skip and small random weights (no training needed)."""
-    c = tiny_sr_config()
-    c.model.scale = scale
-    workdir.mkdir(exist_ok=True)
-    module = models.build(c.model)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(
-        lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), shapes['params']
-    )
-    reporting.write_config(str(workdir), c)
-    checkpointing.export_params(str(workdir / 'checkpoints'), 2, params)
-    return workdir
-
-
 @pytest.fixture(scope='module')
 def source(tmp_path_factory):
-    return tiny_workdir(tmp_path_factory.mktemp('source'))
+    return tiny_sr_workdir(tmp_path_factory.mktemp('source'))
 
 
 def mark_config(source, images) -> ml_collections.ConfigDict:
@@ -369,7 +352,7 @@ def test_one_line_errors(marked, source, images, probes, tmp_path):
     with pytest.raises(ValueError, match=r'probe_000_x2.png in .* is not 48x48') as e:
         verify(owner, wrong, tmp_path / 'v')
     assert _one_line(e)
-    x3 = tiny_workdir(tmp_path / 'x3', scale=3)
+    x3 = tiny_sr_workdir(tmp_path / 'x3', scale=3)
     with pytest.raises(ValueError, match=r"upscales x3; the owner's model is x2") as e:
         verify(owner, x3, tmp_path / 'v')
     assert _one_line(e)
