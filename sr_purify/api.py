@@ -19,10 +19,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from sr_purify import inference, purifiers, restore
+from sr_purify import inference, purifiers, restore, sharding
 
 # What configs/export.py writes beside its .tflite files: the scale and where they came from.
 EXPORT_INFO = 'sr_model.json'
@@ -104,8 +103,8 @@ def _sharded_apply(module, params):
     default) each device runs its convolutions on its own core, so one image at a time would
     leave the other cores idle for a slim student."""
     devices = jax.local_devices()
-    mesh = Mesh(np.asarray(devices), ('data',))
-    data, whole = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+    mesh = Mesh(np.asarray(devices), ('data',))  # local devices: inference is per process
+    data, whole = sharding.data_sharding(mesh), sharding.replicated(mesh)
     forward = lambda p, x: module.apply({'params': p}, x)
     on_one = jax.jit(forward)
     split = jax.jit(forward, in_shardings=(whole, data), out_shardings=data)
