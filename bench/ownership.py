@@ -48,7 +48,8 @@ def parse_args():
     p.add_argument('--scratch_seeds', default='1,2,3,4')
     p.add_argument('--scratch_steps', type=int, default=300)
     p.add_argument('--finetune_steps', type=int, default=1000)
-    p.add_argument('--strength', type=float, default=9.0)
+    p.add_argument('--strength', type=float, default=0.0, help='0: from --max_cost_db')
+    p.add_argument('--max_cost_db', type=float, default=0.08, help='PSNR budget on Set5/Set14')
     p.add_argument('--null_keys', type=int, default=999)
     return p.parse_args()
 
@@ -139,6 +140,7 @@ def main():
         marked,
         f'--config.checkpoint={args.student}',
         f'--config.watermark.strength={args.strength}',
+        f'--config.watermark.max_cost_db={args.max_cost_db}',
         f'--config.null_keys={args.null_keys}',
     )
     budgets = f'--config.budgets=({args.budgets},)'

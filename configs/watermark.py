@@ -27,9 +27,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.watermark = ml_collections.ConfigDict()
     c.watermark.seed = 0  # the key; 0 = draw a fresh secret one (saved in config.json)
     # Peak of the unit mark in 1/255 before the average over flips and turns, which lowers it
-    # (textured regions only carry it). The PSNR cost depends on the key: on the CPU student, 9
-    # cost 0.070 / 0.043 dB (Set5 / Set14) with one key and 0.126 / 0.069 with another (README).
-    c.watermark.strength = 9.0
+    # (textured regions only carry it). 0: the largest strength whose mark costs at most
+    # `max_cost_db` of mean PSNR on each of the `calibrate_on` sets (the job writes the strength it
+    # chose into config.json). A budget rather than a fixed strength, because the cost of one
+    # strength depends on the key: 9 cost 0.070 dB on Set5 with one key and 0.126 with another.
+    c.watermark.strength = 0.0
+    c.watermark.max_cost_db = 0.08
+    c.watermark.calibrate_on = list(PROBE_SETS)
     # Probes: non-overlapping LR tiles of these sets' images (LR made as the SR metrics make it).
     c.probes = ml_collections.ConfigDict(dict(datasets=list(PROBE_SETS), size=96))
     c.null_keys = 999  # keys of the rank test: the smallest p-value is 1 / (1 + null_keys)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from configs import verify as verify_config
 from configs import watermark as watermark_config
-from sr_purify import inference, models, restore
+from sr_purify import image_ops, inference, models, restore
 from sr_purify import watermark as wm
 from sr_purify.jobs import verify as verify_job
 from sr_purify.jobs import watermark as watermark_job
@@ -93,7 +93,7 @@ def test_the_job_writes_a_marked_model_folder_and_detects_its_own_mark(
     workdir, result = marked['workdir'], marked['result']
     config = json.loads((workdir / 'config.json').read_text())
     assert config['trainer'] == 'watermark' and config['source'] == str(source)
-    assert config['watermark'] == {'seed': SEED, 'strength': STRENGTH}
+    assert (config['watermark']['seed'], config['watermark']['strength']) == (SEED, STRENGTH)
     assert config['model']['name'] == 'edsr' and config['model']['scale'] == SCALE
     files = sorted(p.name for p in (workdir / 'probes').iterdir())
     assert files == [f'probe_{i:03d}.png' for i in range(8)] and len(probes) == 8
@@ -112,6 +112,47 @@ def test_the_job_writes_a_marked_model_folder_and_detects_its_own_mark(
     assert 0 <= cost['psnr_cost_db'] < 1.0 and np.isfinite(cost['ssim_cost'])
     assert json.loads((workdir / 'results.json').read_text())['watermark']['probes'] == 8
     assert (workdir / 'watermark_table.md').is_file() and (workdir / 'detection_table.md').is_file()
+
+
+def test_strength_0_marks_at_the_largest_strength_within_the_psnr_budget(source, images, tmp_path):
+    c = mark_config(source, images)
+    c.watermark.strength, c.watermark.max_cost_db = 0.0, 0.05
+    c.watermark.calibrate_on = [str(images)]
+    result = watermark_job.train_and_evaluate(c, str(tmp_path / 'budget'))
+    strength = json.loads((tmp_path / 'budget' / 'config.json').read_text())['watermark']
+    assert strength['strength'] == result['strength'] and 0 < result['strength'] < 64
+    # Measured by the job's own evaluation (the model as served): within the budget, and using it.
+    cost = result['cost'][images.name]['psnr_cost_db']
+    assert 0.04 < cost <= 0.05 + 1e-4
+
+
+def test_strength_for_cost_bisects_to_the_budget_on_the_worst_set():
+    rng = np.random.default_rng(0)
+
+    def image_set(noise, count=2):
+        rows = []
+        for _ in range(count):
+            hr = rng.integers(40, 216, (40, 40, 3)).astype(np.uint8)
+            sr = hr / 255.0 + rng.normal(0, noise / 255.0, hr.shape)
+            rows.append((sr, np.sign(rng.normal(size=(40, 40, 1))) * np.ones(3) / 255.0, hr))
+        return rows
+
+    sets = [image_set(2.0), image_set(6.0)]  # The cleaner set pays more dB for the same mark.
+
+    def cost(rows, s):
+        return np.mean(
+            [
+                image_ops.psnr(sr, hr, SCALE)
+                - image_ops.psnr(np.clip(sr + s * unit, 0, 1), hr, SCALE)
+                for sr, unit, hr in rows
+            ]
+        )
+
+    s = wm.strength_for_cost(sets, SCALE, 0.1)
+    assert s > 0 and cost(sets[0], s) <= 0.1 < cost(sets[0], 1.01 * s)
+    assert cost(sets[1], s) < 0.05  # Not the binding one.
+    with pytest.raises(ValueError, match='watermark.max_cost_db must be > 0'):
+        wm.strength_for_cost(sets, SCALE, 0.0)
 
 
 def test_verification_flags_the_marked_model_and_what_it_served_not_the_clean_one(
@@ -368,12 +409,18 @@ def test_one_line_errors(marked, source, images, probes, tmp_path):
     with pytest.raises(ValueError, match=r"is a classifier job's workdir, not an SR model") as e:
         watermark_job.train_and_evaluate(c, str(tmp_path / 'cls'))
     assert _one_line(e)
-    for strength in (0.0, -1.0):
-        c = mark_config(source, images)
-        c.watermark.strength = strength
-        with pytest.raises(ValueError, match=r'watermark.strength must be > 0') as e:
-            watermark_job.train_and_evaluate(c, str(tmp_path / 'zero'))
-        assert _one_line(e)
+    c = mark_config(source, images)
+    c.watermark.strength = -1.0
+    with pytest.raises(ValueError, match=r'watermark.strength must be > 0 .*, or 0 to set it') as e:
+        watermark_job.train_and_evaluate(c, str(tmp_path / 'negative'))
+    assert _one_line(e)
+    c = mark_config(source, images)
+    c.watermark.strength, c.watermark.max_cost_db = 0.0, 0.0
+    with pytest.raises(
+        ValueError, match=r'watermark.max_cost_db must be > 0 .*watermark.strength is 0'
+    ) as e:
+        watermark_job.train_and_evaluate(c, str(tmp_path / 'no_budget'))
+    assert _one_line(e)
     c = mark_config(source, images)
     c.checkpoint = ''
     with pytest.raises(FileNotFoundError, match=r'no model to mark; pass --config.checkpoint='):

@@ -54,14 +54,46 @@ def run_batched(apply, probes: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.round(np.clip(np.concatenate(outs), 0, 1) * 255) / 255
 
 
+def calibrated_strength(
+    source, seed: int, datasets: Sequence[str], scale: int, max_cost_db: float
+) -> float:
+    """The strength whose mark costs `max_cost_db` of PSNR on the worst of
+    `datasets` (wm.strength_for_cost), from one pass of the clean model and the unit mark."""
+    weights = wm.mark_weights(seed)
+    clean = jax.jit(lambda x: source.module.apply(source.variables, x))
+    unit = jax.jit(lambda x: wm.mark(weights, x, scale, 1.0))
+    sets = []
+    for spec in datasets:
+        rows = []
+        for image in sr_data.eval_images(spec)[1]:
+            hr = image_ops.modcrop(image.pixels, scale)
+            lr = sr_eval.make_lr(hr, scale)
+            rows.append((sr_eval.upscale(clean, lr), sr_eval.upscale(unit, lr), hr))
+        sets.append(rows)
+    strength = wm.strength_for_cost(sets, scale, max_cost_db)
+    logging.info(
+        'strength %.3f/255: the mark costs at most %.3f dB of PSNR on %s',
+        strength,
+        max_cost_db,
+        ', '.join(datasets),
+    )
+    return strength
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not config.checkpoint:
         raise FileNotFoundError(
             'no model to mark; pass --config.checkpoint=<the workdir of a student or teacher job>'
         )
-    if config.watermark.strength <= 0:
+    if config.watermark.strength < 0:
         raise ValueError(
-            f'watermark.strength must be > 0 (1/255 units), got {config.watermark.strength}'
+            f'watermark.strength must be > 0 (1/255 units), or 0 to set it from '
+            f'watermark.max_cost_db; got {config.watermark.strength}'
+        )
+    if not config.watermark.strength and config.watermark.max_cost_db <= 0:
+        raise ValueError(
+            f'watermark.max_cost_db must be > 0 (dB of PSNR) when watermark.strength is 0, got '
+            f'{config.watermark.max_cost_db}'
         )
     source = restore.load(config.checkpoint, expect='sr', marked=False)
     if source.config.get('watermark') is not None:
@@ -72,12 +104,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.watermark.seed = secrets.randbelow(2**31 - 2) + 1  # The owner's secret key.
     config.model = source.model_config
     config.source = config.checkpoint
+    scale = int(source.model_config.scale)
+    if not config.watermark.strength:
+        config.watermark.strength = calibrated_strength(
+            source,
+            config.watermark.seed,
+            config.watermark.calibrate_on,
+            scale,
+            config.watermark.max_cost_db,
+        )
     reporting.write_config(workdir, config)
     params = source.variables['params']
     checkpointing.export_params(paths.join(workdir, 'checkpoints'), source.step, params)
 
     marked = restore.load(workdir, expect='sr')
-    scale = int(source.model_config.scale)
     clean_apply = jax.jit(lambda x: source.module.apply(source.variables, x))
     marked_apply = jax.jit(lambda x: marked.module.apply(marked.variables, x))
 
