@@ -212,6 +212,8 @@ def test_false_positives_are_at_most_alpha_over_random_owner_keys(
     # busy 2-core machine, so it is computed once instead of once a trial.
     basis = wm.generic_basis(probes)
     monkeypatch.setattr(wm, 'generic_basis', lambda p, border=wm.BORDER: basis)
+    common = wm.common_directions(probes, basis)  # Also the probes' alone: once, not per trial.
+    monkeypatch.setattr(wm, 'common_directions', lambda p, b: common)
     n, h, w, _ = probes.shape
     reference = _quantise(np.asarray(jax.image.resize(probes, (n, h * 2, w * 2, 3), 'cubic')))
     rng = np.random.default_rng(0)
@@ -250,6 +252,21 @@ def test_false_positives_are_at_most_alpha_over_random_owner_keys(
     # Exchangeable continuous statistics make p uniform on the grid, not merely conservative.
     mean, sd = (k + 2) / (2 * (k + 1)), np.sqrt((k * (k + 2)) / (12 * (k + 1) ** 2) / t)
     assert np.all(np.abs(p[:, :-1].mean(0) - mean) < 4 * sd), p[:, :-1].mean(0)
+
+
+def test_common_directions_are_orthonormal_and_span_what_every_keys_mark_shares(probes):
+    basis = wm.generic_basis(probes)
+    common = np.asarray(wm.common_directions(probes, basis, keys=40, dims=6))
+    assert common.shape == (6, probes.size // 3)
+    np.testing.assert_allclose(common @ common.T, np.eye(6), atol=1e-4)
+    # Deterministic (a fixed public stream), so every verification of these probes uses the same.
+    np.testing.assert_array_equal(common, wm.common_directions(probes, basis, keys=40, dims=6))
+    # A key outside the stream has far more of its mark in these 6 directions than 6 random
+    # directions of the pixels it lives on (inside the border) would hold: 6 / that count.
+    field = np.asarray(wm._fields(jnp.asarray([SEED], jnp.uint32), probes, basis, common[:0]))
+    field = field.reshape(-1)
+    share = np.sum((common @ field) ** 2) / np.sum(field**2)
+    assert share > 10 * 6 / np.count_nonzero(field), share
 
 
 def test_inherited_is_the_fraction_of_the_mark_the_suspect_carries(probes):
