@@ -20,7 +20,8 @@ from sr_purify import watermark as wm
 from sr_purify.jobs import verify as verify_job
 from sr_purify.jobs import watermark as watermark_job
 
-SEED, STRENGTH, NULL_KEYS, ALPHA = 1234, 3.0, 199, 0.01
+# STRENGTH: about what the 0.08 dB budget gives on the CPU student (7.7-11.5 over 12 keys).
+SEED, STRENGTH, NULL_KEYS, ALPHA = 1234, 8.0, 199, 0.01
 PROBE, SCALE = 24, 2  # 2 HR images of 96x96 -> LR 48x48 -> 8 probes of 24x24.
 
 
@@ -109,7 +110,8 @@ def test_the_job_writes_a_marked_model_folder_and_detects_its_own_mark(
     assert on_clean == dict(on_clean, statistic=0.0, p_value=1.0, derived=False)
     assert set(result['cost']) == {images.name}
     cost = result['cost'][images.name]
-    assert 0 <= cost['psnr_cost_db'] < 1.0 and np.isfinite(cost['ssim_cost'])
+    # Small either way (a zero-mean mark can even meet the model's own error and help a little).
+    assert -0.05 < cost['psnr_cost_db'] < 1.0 and np.isfinite(cost['ssim_cost'])
     assert json.loads((workdir / 'results.json').read_text())['watermark']['probes'] == 8
     assert (workdir / 'watermark_table.md').is_file() and (workdir / 'detection_table.md').is_file()
 
@@ -315,9 +317,10 @@ def test_watermarked_keeps_the_parameter_tree_and_adds_exactly_the_mark(probes):
     np.testing.assert_allclose(np.asarray(out_f), out, atol=1e-6)
     assert set(feats) == set(net.apply(params, x, return_features=True)[1])
 
-    # The mark: a luminance change, at most strength/255, proportional to it, keyed.
+    # The mark: a luminance change, under 2 strength/255 (a field in [-1, 1] minus its local
+    # mean), proportional to strength, keyed.
     peak = np.abs(m).max()
-    assert 0.5 * STRENGTH / 255 < peak <= STRENGTH / 255 * (1 + 1e-6)
+    assert 0.5 * STRENGTH / 255 < peak < 2 * STRENGTH / 255
     np.testing.assert_array_equal(m[..., 0], m[..., 1])
     np.testing.assert_array_equal(m[..., 0], m[..., 2])
     np.testing.assert_allclose(
@@ -352,7 +355,7 @@ def test_the_mark_commutes_with_flips_and_quarter_turns(probes):
         sum(wm.untransform(plain(wm.transform(x, f, t))[..., None], f, t) for f, t in wm.DIHEDRAL)
         / 8
     )
-    np.testing.assert_allclose(wm.mark_field(weights, x), average, atol=1e-5)
+    np.testing.assert_allclose(wm.mark_field(weights, x), wm._minus_local_mean(average), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
