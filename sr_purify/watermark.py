@@ -1,7 +1,8 @@
 """An invisible, key-derived watermark in every output of a deployed SR model, and its test.
 
-The mark is a small fixed random network of the LR input, m_K(x) = a * tanh(z_K(x)), where K (a
-seed) draws the network's weights and a is the strength in 1/255 units. z_K looks at the local
+The mark is a small fixed random network of the LR input, m_K(x) = a * (f - local mean of f),
+f = tanh(z_K(x)), where K (a seed) draws the network's weights and a is the strength in 1/255
+units (the watermark job sets it from a PSNR budget, `strength_for_cost`). z_K looks at the local
 high-pass luminance of x only, so flat regions carry no mark, and it is an *even* function of that
 high-pass signal (products of odd features): an SR network's own correction to bicubic is mostly
 an odd (linear, sharpening) function of it, so the mark is close to orthogonal to anything a model
@@ -13,10 +14,12 @@ alongside the SR mapping, so copies inherit it (README "Ownership" measures how 
 
 Verification is a Monte-Carlo rank test (exact under the null, no distributional assumption):
 the statistic projects a suspect's residual (its output minus the owner's clean model on the
-probe images) on the owner's mark; the same statistic under `null_keys` fresh random keys gives
-its distribution when the suspect does not know K. Under H0 ("not derived from the owner's
-model", so independent of K) the owner's statistic is exchangeable with the null ones and
-p = (1 + #{null >= owner}) / (1 + null_keys) satisfies P(p <= alpha) <= alpha.
+probe images) on the owner's mark, both with what any SR model's residual and every key's mark
+have in common projected out (`generic_basis`, `common_directions`); the same statistic under
+`null_keys` fresh random keys gives its distribution when the suspect does not know K. Under H0
+("not derived from the owner's model", so independent of K) the owner's statistic is
+exchangeable with the null ones and p = (1 + #{null >= owner}) / (1 + null_keys) satisfies
+P(p <= alpha) <= alpha.
 """
 
 import dataclasses
