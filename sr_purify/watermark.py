@@ -278,16 +278,17 @@ def _remove(x, basis, common):
     return flat.reshape(x.shape)
 
 
-def _fields(seeds, probes, basis, common):
-    """(keys, n, h*w) unit mark fields inside the border, with `_remove` applied."""
+def _field(seed, probes, basis, common):
+    """(n, h*w) key `seed`'s unit mark field inside the border, with `_remove` applied."""
     n, h, w, _ = probes.shape
     inside = jnp.asarray(_inside((h, w), BORDER))
+    field = (mark_field(mark_weights(seed), probes)[..., 0] * inside).reshape(n, h * w)
+    return _remove(field, basis, common)
 
-    def one(seed):
-        field = (mark_field(mark_weights(seed), probes)[..., 0] * inside).reshape(n, h * w)
-        return _remove(field, basis, common)
 
-    return jax.lax.map(one, seeds, batch_size=8)
+def _fields(seeds, probes, basis, common):
+    """(keys, n, h*w): `_field` of each seed."""
+    return jax.lax.map(lambda seed: _field(seed, probes, basis, common), seeds, batch_size=8)
 
 
 def _scores(seeds, probes, basis, common, residuals_lr):
@@ -301,7 +302,7 @@ def _scores(seeds, probes, basis, common, residuals_lr):
     r = _remove((residuals_lr * inside).reshape(residuals_lr.shape[0], n, h * w), basis, common)
 
     def one(seed):
-        field = _fields(seed[None], probes, basis, common)[0]
+        field = _field(seed, probes, basis, common)
         return jnp.einsum('snp,np->s', r, field) / jnp.sqrt(
             jnp.maximum(jnp.sum(field * field), 1e-12)
         )
