@@ -287,8 +287,11 @@ def _field(seed, probes, basis, common):
 
 
 def _fields(seeds, probes, basis, common):
-    """(keys, n, h*w): `_field` of each seed."""
-    return jax.lax.map(lambda seed: _field(seed, probes, basis, common), seeds, batch_size=8)
+    """(keys, n, h*w): `_field` of each seed, one key at a time.
+
+    Not batched over keys: vmap turns the per-key kernels into one grouped convolution, which
+    XLA's CPU backend ran 6.6x slower per key (3.2 s against 0.48 s for 63 probes of 96^2)."""
+    return jax.lax.map(lambda seed: _field(seed, probes, basis, common), seeds)
 
 
 def _scores(seeds, probes, basis, common, residuals_lr):
@@ -307,7 +310,7 @@ def _scores(seeds, probes, basis, common, residuals_lr):
             jnp.maximum(jnp.sum(field * field), 1e-12)
         )
 
-    return jax.lax.map(one, seeds, batch_size=8)
+    return jax.lax.map(one, seeds)  # One key at a time, as `_fields`.
 
 
 @functools.lru_cache(maxsize=None)
