@@ -219,14 +219,12 @@ def sr_train_batches(
             return _augment(hr, stream_seed(seed, AUGMENT, i))
 
         # Global example index i = step * global_batch + j; this process takes its slice of j.
-        first = start_step * global_batch + process_index * local
         ds = tf.data.Dataset.range(start_step, 2**62).flat_map(
             lambda step: tf.data.Dataset.range(
                 step * global_batch + process_index * local,
                 step * global_batch + (process_index + 1) * local,
             )
         )
-        del first
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(
         lambda hr: _make_pair(hr, scale, data.patch),
