@@ -43,9 +43,15 @@ def parse_args():
     p.add_argument('--others', default='', help='comma-separated SR workdirs, more innocents')
     p.add_argument('--budgets', default='1,10,100')
     # A thief trains until its copy is good: at 300 steps IMDN and FSRCNN stayed below bicubic;
-    # at 2,000 IMDN copies the victim to 48.4 dB fidelity (FSRCNN 37.6). Longer-trained thieves
-    # also inherit more of the mark (EDSR, 100 queries: 13-19 % at 300 steps, 44 % at 1,000).
-    p.add_argument('--steps', type=int, default=2000, help='training steps per surrogate')
+    # at 2,000 IMDN copies the victim to 48.4 dB fidelity, FSRCNN (no bicubic skip) only to 37.6,
+    # below bicubic's 40.0; FSRCNN needs ~20,000 (46.6 dB, Set5 +1.25 dB over bicubic).
+    # Longer-trained thieves also inherit more of the mark (EDSR, 100 queries: 13-19 % at 300
+    # steps, 44 % at 1,000).
+    p.add_argument(
+        '--steps',
+        default='edsr:2000,imdn:2000,fsrcnn:20000',
+        help='training steps per surrogate: one number for all, or arch:steps pairs',
+    )
     p.add_argument('--scratch_seeds', default='1,2,3,4')
     p.add_argument('--scratch_steps', type=int, default=300)
     p.add_argument('--finetune_steps', type=int, default=1000)
@@ -53,6 +59,17 @@ def parse_args():
     p.add_argument('--max_cost_db', type=float, default=0.08, help='PSNR budget on Set5/Set14')
     p.add_argument('--null_keys', type=int, default=999)
     return p.parse_args()
+
+
+def steps_per_arch(spec: str) -> dict:
+    """'2000' -> the same for every architecture; 'edsr:2000,fsrcnn:20000' -> per architecture."""
+    if ':' not in spec:
+        return {a: int(spec) for a in ARCHS}
+    steps = {a: int(n) for a, n in (part.split(':') for part in spec.split(','))}
+    missing = [a for a in ARCHS if a not in steps]
+    if missing or set(steps) - set(ARCHS):
+        raise SystemExit(f'--steps={spec}: give steps for exactly {", ".join(ARCHS)}')
+    return steps
 
 
 def launch(config: str, workdir: str, *flags: str) -> None:
@@ -145,20 +162,21 @@ def main():
         f'--config.null_keys={args.null_keys}',
     )
     budgets = f'--config.budgets=({args.budgets},)'
+    thief_steps = steps_per_arch(args.steps)
     for arch in ARCHS:
         launch(
             f'configs/extract.py:{arch}',
             os.path.join(w, f'steal_marked_{arch}'),
             f'--config.victim={marked}',
             budgets,
-            f'--config.total_steps={args.steps}',
+            f'--config.total_steps={thief_steps[arch]}',
         )
         launch(
             f'configs/extract.py:{arch}',
             os.path.join(w, f'steal_clean_{arch}'),
             f'--config.victim={args.student}',
             '--config.budgets=(100,)',
-            f'--config.total_steps={args.steps}',
+            f'--config.total_steps={thief_steps[arch]}',
         )
     student_cfg = json.load(open(os.path.join(args.student, 'config.json')))
     fields = student_cfg['model'][student_cfg['model']['name']]
